@@ -1,0 +1,30 @@
+# Two commands: `make test` runs the whole suite, `make run` runs the main job.
+# Each creates .venv when missing, installs the CPU torch wheel first (so nothing drags in a CUDA build),
+# then the package with the extras it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export HF_HUB_OFFLINE := 1
+
+.PHONY: test run lint install-dev install-run
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install torch==2.13.0
+
+install-dev: $(PY)
+	$(PIP) install -e '.[dev]'
+
+install-run: $(PY)
+	$(PIP) install -e .
+
+test: install-dev
+	$(PY) -m pytest -q
+
+lint: install-dev
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+run: install-run
+	$(PY) scripts/run_small_model.py
