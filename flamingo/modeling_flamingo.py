@@ -150,7 +150,9 @@ class MaskedCrossAttention(nn.Module):
 
     def media_key_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # media: (B, T_img, n, D_media) -> keys and values (B, heads, T_img * n, dim_head)
-        media = media.flatten(1, 2).to(device=self.to_kv.weight.device, dtype=self.to_kv.weight.dtype)
+        # No device move here: under accelerate offload the weight is on "meta" outside `to_kv`'s own forward; the
+        # caller puts media on the hidden states' device and `to_kv`'s hook (if any) does the rest.
+        media = media.flatten(1, 2).to(dtype=self.to_kv.weight.dtype)
         k, v = self.to_kv(media).chunk(2, dim=-1)
         return split_heads(k, self.heads), split_heads(v, self.heads)
 
