@@ -533,7 +533,10 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             raise ValueError("generate() needs input_ids (the tokenized prompt)")
         if vision_x is not None:
             self.check_vision_x(vision_x, input_ids.shape[0])
-            media = self.get_media_features(vision_x.to(self.device))
+            # Under a device_map the first parameter may be offloaded ("meta"); the vision tower's hooks then move
+            # the pixels to its execution device.
+            device = self.device
+            media = self.get_media_features(vision_x if device.type == "meta" else vision_x.to(device))
         if media is not None:
             self.media_positions_for(input_ids, media.shape[1])  # validates the <image> count
         if "eos_token_id" not in kwargs and kwargs.get("generation_config") is None:
