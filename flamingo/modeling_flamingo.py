@@ -25,10 +25,18 @@ from .configuration_flamingo import FlamingoConfig
 logger = logging.get_logger(__name__)
 
 # Where known decoder families keep their layer list; anything else is found by a generic search.
-DECODER_LAYERS_PATHS = ("model.layers", "model.decoder.layers", "gpt_neox.layers", "transformer.h", "transformer.blocks")
+DECODER_LAYERS_PATHS = (
+    "model.layers",
+    "model.decoder.layers",
+    "gpt_neox.layers",
+    "transformer.h",
+    "transformer.blocks",
+)
 
 
-def compute_media_positions(input_ids: torch.LongTensor, media_token_id: int, attend_previous: bool) -> torch.LongTensor:
+def compute_media_positions(
+    input_ids: torch.LongTensor, media_token_id: int, attend_previous: bool
+) -> torch.LongTensor:
     """For every token, the 1-based index of the image it attends to, or 0 for none (reference §1.3).
 
     `attend_previous=True`: the image introduced by the latest `<image>` token at or before the token.
@@ -67,7 +75,9 @@ class FlamingoCausalLMOutputWithPast(CausalLMOutputWithPast):
 def feed_forward(dim: int, mult: int) -> nn.Sequential:
     """LayerNorm -> Linear -> GELU -> Linear, bias-free Linears (indices 0, 1, 3 in the published keys)."""
     inner = dim * mult
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False))
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False)
+    )
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -327,6 +337,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         self._wrap_decoder_layers()
         self.post_init()
         self.apply_trainable_flags()
+        self.stop_generation_at_end_of_chunk()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -334,7 +345,23 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         # Loading materialises fresh parameters; the config, not the loader, says which of them train.
         model.apply_trainable_flags()
+        # Published checkpoints ship the LLaMA generation config, which knows nothing of <|endofchunk|>.
+        model.stop_generation_at_end_of_chunk()
         return loaded
+
+    def stop_generation_at_end_of_chunk(self):
+        """Make `generate()` stop at `<|endofchunk|>` (as the reference does) as well as at the LM's EOS, and pad
+        with the LM's pad token. Other generation settings are left as they are."""
+        generation_config = self.generation_config
+        end_of_chunk = self.config.endofchunk_token_id
+        if generation_config is None or end_of_chunk is None:
+            return
+        eos = generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if end_of_chunk not in eos:
+            generation_config.eos_token_id = [end_of_chunk, *eos]
+        if generation_config.pad_token_id is None:
+            generation_config.pad_token_id = getattr(self.config.text_config, "pad_token_id", None)
 
     def _wrap_decoder_layers(self):
         text_config = self.config.text_config
@@ -539,9 +566,6 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             media = self.get_media_features(vision_x if device.type == "meta" else vision_x.to(device))
         if media is not None:
             self.media_positions_for(input_ids, media.shape[1])  # validates the <image> count
-        if "eos_token_id" not in kwargs and kwargs.get("generation_config") is None:
-            if self.generation_config.eos_token_id is None and self.config.endofchunk_token_id is not None:
-                kwargs["eos_token_id"] = self.config.endofchunk_token_id
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, media=media, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, media=None, media_cache=None, **kwargs):

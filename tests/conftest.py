@@ -27,16 +27,18 @@ def tiny_config(family: str = "flamingo", **overrides) -> FlamingoConfig:
     return config
 
 
-def open_gates(model: FlamingoForConditionalGeneration, value: float = 1.0) -> FlamingoForConditionalGeneration:
-    """Set every tanh gate so that the images change the output (gates start at 0 = identity), and give the
-    cross-attention output projections a large scale so the change survives into greedy decoding (with the
-    initial std of 0.02, a random image barely moves the logits of a tiny model)."""
+def make_images_matter(model: FlamingoForConditionalGeneration, gate: float = 1.0) -> FlamingoForConditionalGeneration:
+    """Open every tanh gate (they start at 0 = identity) and re-draw the vision, perceiver and cross-attention
+    weights at unit scale (std 1/sqrt(fan_in)). With transformers' std of 0.02 a tiny random model's perceiver
+    output is dominated by its latents and barely depends on the image; trained models are not like that."""
     with torch.no_grad():
+        for name, module in model.named_modules():
+            trained_for_images = name.startswith(("vision_encoder", "perceiver")) or "gated_cross_attn_layer" in name
+            if trained_for_images and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.weight.normal_(std=module.weight[0].numel() ** -0.5)
         for name, param in model.named_parameters():
             if name.endswith(("attn_gate", "ff_gate")):
-                param.fill_(value)
-            elif name.endswith("gated_cross_attn_layer.attn.to_out.weight"):
-                param.normal_(std=0.5)
+                param.fill_(gate)
     return model
 
 
@@ -46,7 +48,7 @@ def tiny_model(family: str = "flamingo", seed: int = 0, gates: float | None = 1.
     model_class = OtterForConditionalGeneration if family == "otter" else FlamingoForConditionalGeneration
     model = model_class(config).eval()
     if gates is not None:
-        open_gates(model, gates)
+        make_images_matter(model, gates)
     return model
 
 

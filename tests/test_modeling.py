@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import EOC, MEDIA, left_pad, prompt, random_images, tiny_config, tiny_model
+from conftest import EOC, MEDIA, left_pad, make_images_matter, prompt, random_images, tiny_config, tiny_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
@@ -342,9 +342,7 @@ def test_other_decoder_families(text_config, tmp_path):
     closed = logits_of(model, ids, images)
     bare = model.lang_encoder  # with closed gates, the wrapped LM is the LM
     torch.testing.assert_close(closed, bare(input_ids=ids).logits, atol=1e-5, rtol=0)
-    from conftest import open_gates
-
-    open_gates(model)
+    make_images_matter(model)
     assert (logits_of(model, ids, images) - logits_of(model, ids, random_images(1, 1, seed=9))).abs().max() > 1e-4
     model.save_pretrained(tmp_path)
     loaded = FlamingoForConditionalGeneration.from_pretrained(tmp_path).eval()
