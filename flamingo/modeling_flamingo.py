@@ -9,6 +9,7 @@ Data flows one way and nothing is stored on modules between calls:
     on its input hidden states, then the original decoder layer.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -299,6 +300,13 @@ class FlamingoPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["FlamingoLayer", "PerceiverBlock", "CLIPEncoderLayer"]
     _skip_keys_device_placement = ["cache", "media_cache"]
+    # Every transformers quantizer leaves these unconverted, and loading in float16 keeps them in float32: the vision
+    # tower, the perceiver and the gate scalars stay in high precision.
+    _keep_in_fp32_modules = ["vision_encoder", "perceiver", "attn_gate", "ff_gate"]
+    # What `from_pretrained` puts in a quantization_config whose skip list (`llm_int8_skip_modules`,
+    # `modules_to_not_convert`) is unset: the trainable cross-attention blocks and the output head stay unquantised
+    # as well, so only the LM body is quantised.
+    _quantization_skip_modules = [r".*\.gated_cross_attn_layer", "lang_encoder.lm_head"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -341,6 +349,11 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
+        quantization_config = kwargs.get("quantization_config")
+        for field in ("llm_int8_skip_modules", "modules_to_not_convert"):
+            if getattr(quantization_config, field, "unset") is None:
+                kwargs["quantization_config"] = quantization_config = copy.copy(quantization_config)
+                setattr(quantization_config, field, list(cls._quantization_skip_modules))
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         # Loading materialises fresh parameters; the config, not the loader, says which of them train.
