@@ -277,6 +277,11 @@ class FlamingoCLIPVisionModel(CLIPVisionModel):
     strips `vision_model.` on load and adds it back on save) away from our keys, which are literally the published
     `vision_encoder.vision_model.*`."""
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers decides by reading the source of the class's module: CLIP's module is the one that counts.
+        return CLIPVisionModel._can_set_attn_implementation()
+
 
 class FlamingoVisionEncoder(nn.Module):
     """Holds the CLIP vision tower as `vision_model`, so parameter names are `vision_encoder.vision_model.*` as in
@@ -312,6 +317,11 @@ class FlamingoPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # Leftovers of older transformers / OpenFlamingo aliases in published checkpoints: ignored on load.
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq", r"lang_encoder\.gated_cross_attn_layers\."]
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # The perceiver and the cross-attention always run SDPA; `set_attn_implementation` switches the LM and CLIP.
+        return True
 
     def _init_weights(self, module):
         super()._init_weights(module)
