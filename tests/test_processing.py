@@ -237,8 +237,8 @@ def test_fewer_media_tokens_than_images_is_allowed(processor, caplog):
 
 
 def test_tokenizer_kwargs_pass_through(processor):
-    inputs = processor(text=["<image>A red circle on a white background"], images=[[image(0)]], max_length=4,
-                       truncation=True)  # fmt: skip
+    text = ["<image>A red circle on a white background"]
+    inputs = processor(text=text, images=[[image(0)]], max_length=4, truncation=True)
     assert inputs["input_ids"].shape == (1, 4)
     assert processor(text="A", add_special_tokens=False)["input_ids"].tolist() == [
         processor.tokenizer("A", add_special_tokens=False)["input_ids"]
@@ -388,8 +388,10 @@ def test_save_load_round_trip(tmp_path, processor_class):
     assert loaded.image_processor.to_dict() == processor.image_processor.to_dict()
     assert loaded.special_token_ids == processor.special_token_ids
     assert loaded.added_tokens == []
-    text = [processor.build_prompt("What?", [("Which?", "Red.")]) if processor_class is OtterProcessor else
-            "<image>A cat.<|endofchunk|><image>A", "<image>B"]  # fmt: skip
+    first = "<image>A cat.<|endofchunk|><image>A"
+    if processor_class is OtterProcessor:
+        first = processor.build_prompt("What?", in_context=[("Which?", "Red.")])
+    text = [first, "<image>B"]
     images = [[image(0), image(1)], [image(2)]]
     before, after = processor(text=text, images=images), loaded(text=text, images=images)
     assert set(before) == set(after)
