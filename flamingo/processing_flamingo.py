@@ -23,10 +23,10 @@ def _describe(obj: Any) -> str:
 
 
 def _is_image(obj: Any) -> bool:
-    """One image: a PIL image, or a 2-d (grey) / 3-d (HWC or CHW) numpy array or torch tensor."""
+    """One image: a PIL image, or a 3-d (HWC or CHW) numpy array or torch tensor."""
     if not is_valid_image(obj):
         return False
-    return not hasattr(obj, "ndim") or obj.ndim in (2, 3)
+    return not hasattr(obj, "ndim") or obj.ndim == 3
 
 
 def _is_frame_stack(obj: Any) -> bool:
@@ -37,7 +37,7 @@ def _is_frame_stack(obj: Any) -> bool:
 def _check_image(obj: Any, where: str) -> None:
     if not _is_image(obj):
         raise ValueError(
-            f"{where}: expected an image (PIL.Image.Image, or a 2-d/3-d numpy array or torch tensor), "
+            f"{where}: expected an image (PIL.Image.Image, or a 3-d HWC/CHW numpy array or torch tensor), "
             f"got {_describe(obj)}"
         )
 
@@ -219,7 +219,7 @@ class FlamingoProcessor(ProcessorMixin):
             text (`str` or `list[str]`): the prompts, with one `<image>` token where each image goes (Otter:
                 `"<image>User: {question} GPT:<answer>"`).
             images: for a batch, one list of images per prompt (`[[img, img], [img]]`); for a single prompt, a flat
-                list of its images or one image. Images are PIL images or 2-d/3-d numpy arrays / torch tensors.
+                list of its images or one image. Images are PIL images or 3-d (HWC or CHW) numpy arrays / torch tensors.
                 Samples with fewer images than the longest list are padded with all-zero images.
             videos: one list of frames per prompt (or a flat list of frames, or a 4-d array, for one prompt). All
                 videos of a batch need the same number of frames. A video goes to one `<image>` token.

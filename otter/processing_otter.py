@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 
 import torch
 from transformers.utils import logging
@@ -109,14 +110,14 @@ class OtterProcessor(FlamingoProcessor):
         of id lists, 2-d tensor), and returns a string or a list of strings accordingly."""
         if isinstance(text_or_ids, torch.Tensor | list | tuple) or hasattr(text_or_ids, "tolist"):
             value = text_or_ids.tolist() if hasattr(text_or_ids, "tolist") else list(text_or_ids)
-            if isinstance(value, int):
+            if isinstance(value, Integral):
                 value = [value]
             if value and all(isinstance(entry, str) for entry in value):
                 return [self._parse_answer(entry) for entry in value]
             if value and all(isinstance(entry, list | tuple) for entry in value):
-                return [self._parse_answer(self.tokenizer.decode(list(entry))) for entry in value]
-            if all(isinstance(entry, int) for entry in value):
-                return self._parse_answer(self.tokenizer.decode(value))
+                return [self._parse_answer(self.tokenizer.decode([int(i) for i in entry])) for entry in value]
+            if all(isinstance(entry, Integral) for entry in value):
+                return self._parse_answer(self.tokenizer.decode([int(entry) for entry in value]))
             raise ValueError(
                 "decode_answer: expected a string, token ids, or a batch of either, "
                 f"got a sequence of {sorted({type(entry).__name__ for entry in value})}"

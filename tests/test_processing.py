@@ -212,6 +212,9 @@ def test_video_layout(processor):
     assert torch.equal(single["vision_x"][0], inputs["vision_x"][0])
     stack = np.stack([np.asarray(frame) for frame in frames[0]])  # one 4-d (F, H, W, C) array
     assert torch.equal(processor(text="<image>User: a", videos=stack)["vision_x"], single["vision_x"])
+    channels_first = torch.from_numpy(stack).permute(0, 3, 1, 2)  # one 4-d (F, C, H, W) tensor
+    from_tensor = processor(text="<image>User: a", videos=channels_first)["vision_x"]
+    torch.testing.assert_close(from_tensor, single["vision_x"], atol=1e-5, rtol=0)
 
 
 def test_images_only_and_text_only(processor):
@@ -221,6 +224,9 @@ def test_images_only_and_text_only(processor):
     assert set(only_text) == {"input_ids", "attention_mask"}
     no_images_at_all = processor(text=["A cat", "A dog"], images=[[], []])
     assert "vision_x" not in no_images_at_all
+    with_none = processor(text=["<image>A cat", "A dog"], images=[[image(0)], None])  # None: no images
+    assert with_none["vision_x"].shape == (2, 1, 1, 3, 32, 32)
+    assert torch.count_nonzero(with_none["vision_x"][1]) == 0
 
 
 def test_return_tensors_np(processor):
@@ -264,6 +270,7 @@ def test_tokenizer_kwargs_pass_through(processor):
         (lambda p: p(text="A", images=["cat.jpg"]), r"images\[0\]\[0\]: expected an image .* got str"),
         (lambda p: p(text=["A", "B"], images=[[image(0)], [image(1), 3]]), r"images\[1\]\[1\]: .*got int"),
         (lambda p: p(text="A", images=[np.zeros(5)]), r"got ndarray of shape \(5,\)"),
+        (lambda p: p(text="A", images=[np.zeros((40, 48))]), r"3-d HWC/CHW .* got ndarray of shape \(40, 48\)"),
         (lambda p: p(text="A", images=[[image(0)], image(1)]), "got a mix"),
         (lambda p: p(text="A", images={"a": image(0)}), "images: expected a list .* got dict"),
         (lambda p: p(text="A", videos=[["frame"]]), r"videos\[0\]\[0\]: expected an image"),
@@ -360,6 +367,8 @@ def test_decode_answer(otter_processor):
     generated = otter_processor.tokenizer(prompt + " A red circle.<|endofchunk|></s>")["input_ids"]
     assert decode(generated) == "A red circle."
     assert decode(torch.tensor(generated)) == "A red circle."
+    assert decode(np.array(generated)) == "A red circle."
+    assert decode([np.int64(i) for i in generated]) == "A red circle."
 
     batch = otter_processor(
         text=[prompt + " A red circle.<|endofchunk|>", prompt + " The shape is blue.<|endofchunk|><PAD>"],
