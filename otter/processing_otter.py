@@ -112,6 +112,10 @@ class OtterProcessor(FlamingoProcessor):
             value = text_or_ids.tolist() if hasattr(text_or_ids, "tolist") else list(text_or_ids)
             if isinstance(value, Integral):
                 value = [value]
+            if not isinstance(value, list):
+                raise ValueError(
+                    f"decode_answer: expected a string, token ids, or a batch of either, got {type(value).__name__}"
+                )
             if value and all(isinstance(entry, str) for entry in value):
                 return [self._parse_answer(entry) for entry in value]
             if value and all(isinstance(entry, list | tuple) for entry in value):

@@ -380,6 +380,8 @@ def test_decode_answer(otter_processor):
     assert decode(["<answer> x<|endofchunk|>", "<answer>y"]) == ["x", "y"]
     with pytest.raises(ValueError, match="decode_answer: expected"):
         decode(3.5)
+    with pytest.raises(ValueError, match="decode_answer: expected"):
+        decode(np.float32(3.5))
 
 
 # ----- save / load -----------------------------------------------------------------------------------------------
