@@ -1,0 +1,227 @@
+"""The `otter` command: `generate`, `chat`, and the entry points of the other tools (`convert`, `train`,
+`estimate`, `eval`, `demo`).
+
+Errors a user can fix (a missing file, an unreadable image, a bad model path, an empty prompt) print one line
+and exit with status 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+USAGE_ERROR = 2
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+# Subcommands whose parser and work live in their own module, as `main(argv) -> int`.
+DELEGATED = {
+    "convert": ("otter.convert", "convert a training checkpoint or published weights to an HF model"),
+    "train": ("otter.train", "instruction-tune on MIMIC-IT data with accelerate"),
+    "estimate": ("otter.memory", "estimate the memory a config needs and whether it fits your devices"),
+    "eval": ("otter.evaluate", "score a model on a MIMIC-IT style question set"),
+    "demo": ("otter.demo", "the gradio web demo (needs the `demo` extra)"),
+}
+
+
+class UsageError(Exception):
+    """A problem with the user's input: reported in one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="otter", description="Otter and OpenFlamingo on transformers.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def model_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--model", help="HF model directory or Hub id (default: the embedded model)")
+        command.add_argument("--max-new-tokens", type=int, default=64)
+        command.add_argument("--num-beams", type=int, default=1)
+        command.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    generate = commands.add_parser("generate", help="answer a question about images, a video or frames")
+    media = generate.add_mutually_exclusive_group()
+    media.add_argument("--image", nargs="+", action="extend", default=[], type=Path, help="image file(s)")
+    media.add_argument("--frames", type=Path, help="a directory of video frames (sorted by name)")
+    generate.add_argument("--prompt", required=True, help="the question")
+    generate.add_argument(
+        "--in-context",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("IMAGE", "ANSWER"),
+        help="an example image and its answer to the same question (repeatable)",
+    )
+    generate.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    model_options(generate)
+
+    chat = commands.add_parser("chat", help="an interactive multi-turn conversation about an image")
+    chat.add_argument("--image", type=Path, required=True)
+    model_options(chat)
+
+    for name, (_, help_text) in DELEGATED.items():
+        commands.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+# ----- inputs ------------------------------------------------------------------------------------------------------
+
+
+def load_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise UsageError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise UsageError(f"not a readable image: {path} ({error})") from error
+
+
+def load_frames(directory: Path) -> list:
+    if not directory.is_dir():
+        raise UsageError(f"frames directory not found: {directory}")
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UsageError(f"no image files in frames directory: {directory}")
+    return [load_image(p) for p in files]
+
+
+def load_model(model_path: str | None, device: str | None):
+    """The model and its processor, from a directory, a Hub id, or the embedded default model."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import flamingo  # noqa: F401  (registers the Flamingo classes with the Auto factories)
+    import otter  # noqa: F401
+
+    if model_path is None:
+        model_path = default_model_path()
+    elif not Path(model_path).exists() and (model_path.count("/") != 1 or os.environ.get("HF_HUB_OFFLINE") == "1"):
+        raise UsageError(f"model not found: {model_path} (expected an HF model directory or a Hub id)")
+    try:
+        processor = AutoProcessor.from_pretrained(model_path)
+        model = AutoModelForImageTextToText.from_pretrained(model_path)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot load model from {model_path}: {first_line}") from error
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), processor
+
+
+def default_model_path() -> str:
+    loader = getattr(importlib.import_module("otter"), "default_model_path", None)
+    if loader is None:
+        raise UsageError("no embedded default model in this installation: pass --model DIR_OR_HUB_ID")
+    return str(loader())
+
+
+# ----- commands ----------------------------------------------------------------------------------------------------
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    question = args.prompt.strip()
+    if not question:
+        raise UsageError("the prompt is empty: pass a question with --prompt")
+    examples = [(load_image(Path(image)), answer) for image, answer in args.in_context]
+    if args.frames is not None:
+        if examples:
+            raise UsageError("--in-context examples are images; they cannot be combined with --frames")
+        frames = load_frames(args.frames)
+    else:
+        if not args.image:
+            raise UsageError("give the image(s) to ask about with --image PATH..., or video frames with --frames DIR")
+        images = [load_image(path) for path in args.image]
+    model, processor = load_model(args.model, args.device)
+
+    if args.frames is not None:
+        prompt = processor.build_video_prompt(question)
+        inputs = processor(text=prompt, videos=[frames], return_tensors="pt")
+    else:
+        # In-context examples first (each with its image), then the question. Several --image files all go
+        # before the question, so it follows the last of them (with attend-previous, text sees its latest image).
+        prompt = processor.build_prompt(question, in_context=[(question, answer) for _, answer in examples])
+        head, _, query = prompt.rpartition(processor.media_token)
+        prompt = head + processor.media_token * len(images) + query
+        inputs = processor(text=prompt, images=[image for image, _ in examples] + images, return_tensors="pt")
+    answer = generate_answer(model, processor, inputs, args)
+    if not args.stream:
+        print(answer)
+    return 0
+
+
+def generate_answer(model, processor, inputs, args: argparse.Namespace) -> str:
+    inputs = inputs.to(model.device)
+    kwargs = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
+    if not getattr(args, "stream", False):
+        output = model.generate(**inputs, **kwargs)
+        return processor.decode_answer(output[0])
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.update(output=model.generate(**inputs, streamer=streamer, **kwargs))
+    )
+    worker.start()
+    for piece in streamer:
+        print(piece, end="", flush=True)
+    worker.join()
+    print()
+    return processor.decode_answer(result["output"][0])
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    image = load_image(args.image)
+    model, processor = load_model(args.model, args.device)
+    history: list[tuple[str, str]] = []
+    print(f"Chatting about {args.image.name}. Empty line or Ctrl-D to quit.")
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not question:
+            return 0
+        # One image, several turns: the video-style prompt (one <image>, then the turns) keeps the history.
+        prompt = processor.build_video_prompt(question, in_context=history)
+        inputs = processor(text=prompt, images=[image], return_tensors="pt")
+        print("otter> ", end="", flush=True)
+        answer = generate_answer(model, processor, inputs, argparse.Namespace(**vars(args), stream=True))
+        history.append((question, answer))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    debug = args.debug
+    try:
+        if args.command in DELEGATED:
+            module_name = DELEGATED[args.command][0]
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as error:
+                raise UsageError(f"`otter {args.command}` is not available: {error}") from error
+            return int(module.main(rest) or 0)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return run_generate(args) if args.command == "generate" else run_chat(args)
+    except UsageError as error:
+        if debug:
+            raise
+        print(f"otter {args.command}: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

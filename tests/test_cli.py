@@ -1,0 +1,107 @@
+import pytest
+import torch
+from conftest import REPO_ROOT, TINY_TOKENIZER, tiny_model
+from transformers import AutoTokenizer, CLIPImageProcessorPil
+
+from otter import OtterProcessor
+from otter.cli import main
+
+RED_CIRCLE = REPO_ROOT / "examples" / "images" / "red_circle.png"
+BLUE_SQUARE = REPO_ROOT / "examples" / "images" / "blue_square.png"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("otter-tiny")
+    model = tiny_model("otter", seed=21)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = OtterProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(TINY_TOKENIZER))
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def expected_answer(model_dir, prompt, images, max_new_tokens=6, streamed=False):
+    """What the CLI should print: the parsed answer, or (with `streamed`) the new text as a streamer shows it."""
+    from otter import OtterForConditionalGeneration
+
+    model = OtterForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = OtterProcessor.from_pretrained(model_dir)
+    inputs = processor(text=prompt, images=images, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1)
+    if streamed:
+        return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return processor.decode_answer(output[0])
+
+
+def test_generate_prints_the_models_answer(model_dir, capsys):
+    from PIL import Image
+
+    status = main(["generate", "--model", str(model_dir), "--image", str(RED_CIRCLE), "--prompt", "What colour?"])
+    assert status == 0
+    printed = capsys.readouterr().out.strip()
+    prompt = "<image>User: What colour? GPT:<answer>"
+    assert printed == expected_answer(model_dir, prompt, [Image.open(RED_CIRCLE).convert("RGB")], max_new_tokens=64)
+
+
+def test_generate_with_in_context_example_and_stream(model_dir, capsys):
+    from PIL import Image
+
+    args = ["generate", "--model", str(model_dir), "--image", str(BLUE_SQUARE), "--prompt", "What colour?"]
+    args += ["--in-context", str(RED_CIRCLE), "red", "--stream", "--max-new-tokens", "6"]
+    assert main(args) == 0
+    streamed = capsys.readouterr().out
+    prompt = "<image>User: What colour? GPT:<answer> red<|endofchunk|><image>User: What colour? GPT:<answer>"
+    images = [Image.open(path).convert("RGB") for path in (RED_CIRCLE, BLUE_SQUARE)]
+    assert streamed.strip() == expected_answer(model_dir, prompt, images, streamed=True).strip()
+
+
+def test_generate_on_frames(model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, path in enumerate([RED_CIRCLE, BLUE_SQUARE, RED_CIRCLE]):
+        Image.open(path).save(frames / f"{i:03d}.png")
+    args = ["generate", "--model", str(model_dir), "--frames", str(frames), "--prompt", "What happens?"]
+    assert main([*args, "--max-new-tokens", "4"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image", "missing.png", "--prompt", "q"], "image not found: missing.png"),
+        (["--image", str(RED_CIRCLE), "--prompt", "   "], "the prompt is empty"),
+        (["--image", str(RED_CIRCLE), "--prompt", "q", "--model", "/no/such/model"], "model not found: /no/such/model"),
+        (["--image", str(REPO_ROOT / "pyproject.toml"), "--prompt", "q"], "not a readable image"),
+    ],
+)
+def test_user_errors_are_one_line_with_status_2(args, message, capsys, tmp_path):
+    status = main(["generate", *args])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_bad_model_directory_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{not json")
+    status = main(["generate", "--model", str(tmp_path), "--image", str(RED_CIRCLE), "--prompt", "q"])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "cannot load model" in err
+
+
+def test_debug_shows_the_traceback():
+    from otter.cli import UsageError
+
+    with pytest.raises(UsageError, match="image not found"):
+        main(["--debug", "generate", "--image", "missing.png", "--prompt", "q"])
+
+
+def test_chat_keeps_the_history(model_dir, monkeypatch, capsys):
+    answers = iter(["What colour?", "And the shape?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    assert main(["chat", "--model", str(model_dir), "--image", str(RED_CIRCLE), "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.count("otter> ") == 2
