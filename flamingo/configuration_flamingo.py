@@ -48,7 +48,9 @@ class FlamingoConfig(PreTrainedConfig):
 
     model_type = "flamingo"
     sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=_CLIP_VIT_L_14),
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=_CLIP_VIT_L_14
+        ),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
     }
 

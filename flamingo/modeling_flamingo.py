@@ -455,6 +455,11 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
                 f"vision_x: expected images of (C, H, W) = {expected}, got {tuple(vision_x.shape[3:])} "
                 f"(full shape {tuple(vision_x.shape)})"
             )
+        if vision_x.shape[1] == 0 or vision_x.shape[2] == 0:
+            raise ValueError(
+                f"vision_x: expected at least one image (T_img >= 1) of at least one frame (F >= 1), got shape "
+                f"{tuple(vision_x.shape)}; pass vision_x=None for text-only input"
+            )
         if batch_size is not None and vision_x.shape[0] != batch_size:
             raise ValueError(
                 f"vision_x has batch size {vision_x.shape[0]} but input_ids has batch size {batch_size}; "

@@ -305,6 +305,8 @@ def test_bad_vision_x_shapes_say_what_was_expected():
         model(input_ids=ids, vision_x=random_images(2, 1))
     with pytest.raises(ValueError, match=r"expected images of \(C, H, W\) = \(3, 32, 32\), got \(1, 32, 32\)"):
         model(input_ids=ids, vision_x=torch.zeros(1, 1, 1, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"at least one image \(T_img >= 1\).*got shape \(1, 0, 1, 3, 32, 32\)"):
+        model(input_ids=ids, vision_x=torch.zeros(1, 0, 1, 3, 32, 32))
     with pytest.raises(ValueError, match=r"got \(3, 64, 64\)"):
         model(input_ids=ids, vision_x=torch.zeros(1, 1, 1, 3, 64, 64))
 
