@@ -335,6 +335,12 @@ class FlamingoPreTrainedModel(PreTrainedModel):
             init.zeros_(module.ff_gate)
 
     def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
+        if enable and getattr(kwargs.get("gradient_checkpointing_func"), "keywords", {}).get("use_reentrant"):
+            raise ValueError(
+                "use_reentrant=True is not supported: media reach the wrapper layers as keyword arguments, which "
+                "reentrant checkpointing cannot differentiate through (the perceiver would get no or broken "
+                "gradients). Use the default, gradient_checkpointing_kwargs={'use_reentrant': False}."
+            )
         super()._set_gradient_checkpointing(enable, *args, **kwargs)
         # The wrapper checkpoints the decoder layer with its cross-attention; checkpointing the inner layer
         # again would only recompute it twice.
