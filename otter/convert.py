@@ -1,0 +1,469 @@
+"""`otter convert`: turn an OpenFlamingo / Otter checkpoint (plus the base LM and vision tower it was trained on)
+into a Hugging Face model folder that `FlamingoForConditionalGeneration` / `OtterForConditionalGeneration`
+`.from_pretrained()` loads, and optionally push it to the Hub in one commit.
+
+    otter convert --checkpoint checkpoint.pt --base-lm llama-7b-hf/ --vision clip-vit-large-patch14/ \
+        --config configs/openflamingo-9b.json --to flamingo --dtype bf16 --output openflamingo-9b-hf/
+
+Inputs are read without running code (`torch.load(weights_only=True)` or safetensors) and key layouts are
+converted by `flamingo.conversion`: OpenFlamingo v1 / v2 checkpoints, DDP training checkpoints, Otter's
+`final_weights.pt`, HF-layout weights. Weights from later sources win: base LM, then vision tower, then the
+checkpoint. The model is built on the meta device and the tensors are assigned to it, so memory holds one copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging as std_logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers.utils import logging
+
+from flamingo.configuration_flamingo import FlamingoConfig
+from flamingo.conversion import (
+    EMBED_TOKENS_KEY,
+    LM_HEAD_KEY,
+    flamingo_to_otter,
+    hf_clip_to_flamingo,
+    hf_lm_to_flamingo,
+    load_checkpoint,
+    open_clip_visual_to_hf_clip,
+    pad_vocab_rows,
+    rename_openflamingo_v2,
+)
+
+logger = logging.get_logger(__name__)
+
+USAGE_ERROR = 2
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+class ConvertError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="otter convert",
+        description="Convert an OpenFlamingo/Otter checkpoint (and its base LM and vision tower) to a Hugging Face "
+        "model folder, optionally pushed to the Hub.",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="the trained weights: OpenFlamingo v1/v2 checkpoint.pt, a DDP training checkpoint, Otter's "
+        "final_weights.pt, a .safetensors/.bin file or an HF model folder. Read with weights_only=True: a pickle "
+        "that needs code to load is refused.",
+    )
+    parser.add_argument(
+        "--base-lm",
+        type=Path,
+        metavar="DIR",
+        help="HF causal-LM folder (e.g. LLaMA-7B) holding the frozen decoder weights; its tokenizer, if any, is "
+        "saved with the model",
+    )
+    parser.add_argument(
+        "--vision",
+        type=Path,
+        metavar="DIR",
+        help="the vision tower: an HF CLIP(Vision)Model folder or file, or an open_clip visual state dict",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        help="model config: a JSON file (e.g. configs/openflamingo-9b.json) or a folder with config.json",
+    )
+    parser.add_argument(
+        "--to",
+        choices=("flamingo", "otter"),
+        default="flamingo",
+        help="the model family to write. With --to otter and a Flamingo --config, the embeddings get the "
+        "<answer> row as Otter's converter did (default: flamingo)",
+    )
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="dtype of the written weights")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
+    parser.add_argument("--output", type=Path, required=True, help="folder to write (must not exist, or be empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output folder")
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="write even if weights are missing: they are initialised (gates and frame embeddings to zero, norms "
+        "to one, the rest N(0, 0.02)) and listed in the model card",
+    )
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repo, in one commit")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+    parser.add_argument("--revision", help="Hub branch to push to (created if needed)")
+    parser.add_argument("--token", help="Hub token (default: the saved login / HF_TOKEN)")
+    parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    restore = _show_progress(std_logging.WARNING if args.quiet else std_logging.INFO)
+    try:
+        output = convert(args)
+        if args.push_to_hub:
+            push(output, args)
+    except (ConvertError, ValueError, FileNotFoundError) as error:
+        print(f"otter convert: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    finally:
+        restore()
+    return 0
+
+
+# ----- the conversion --------------------------------------------------------------------------------------------
+
+
+def convert(args: argparse.Namespace) -> Path:
+    """Run the conversion described by parsed `args`; return the written folder."""
+    output = args.output.resolve()
+    _check_output(output, args.overwrite)
+    if args.checkpoint is None and args.base_lm is None and args.vision is None:
+        raise ConvertError("nothing to convert: pass --checkpoint and/or --base-lm / --vision")
+    config, adds_answer_row = load_config(args.config, args.to)
+
+    sources: dict[str, str] = {}
+    state_dict: dict[str, torch.Tensor] = {}
+    if args.base_lm is not None:
+        lm, report = hf_lm_to_flamingo(load_checkpoint(args.base_lm))
+        logger.info(f"base LM {args.base_lm}: {len(lm)} tensors (dropped {len(report.dropped)})")
+        state_dict.update(lm)
+        sources["base LM"] = str(args.base_lm)
+    if args.vision is not None:
+        vision = read_vision(args.vision)
+        logger.info(f"vision tower {args.vision}: {len(vision)} tensors")
+        state_dict.update(vision)
+        sources["vision tower"] = str(args.vision)
+    checkpoint_report = None
+    if args.checkpoint is not None:
+        converted, checkpoint_report = rename_openflamingo_v2(load_checkpoint(args.checkpoint))
+        logger.info(
+            f"checkpoint {args.checkpoint}: {len(converted)} tensors, {len(checkpoint_report.renamed)} renamed, "
+            f"{len(checkpoint_report.dropped)} dropped (aliases, legacy buffers, unused projections)"
+        )
+        overridden = sorted(set(state_dict) & set(converted))
+        if overridden:
+            logger.info(f"the checkpoint replaces {len(overridden)} base tensors (e.g. {overridden[0]})")
+        state_dict.update(converted)
+        sources["checkpoint"] = str(args.checkpoint)
+
+    notes: list[str] = []
+    state_dict = align_vocabulary(state_dict, config, adds_answer_row, notes)
+    processor = load_processor(args.base_lm, args.to)
+    if processor is not None:
+        apply_tokenizer(processor, state_dict, config, notes)
+
+    model, missing, unexpected = build_model(config, state_dict, DTYPES[args.dtype], args.to)
+    if args.base_lm is not None and (args.base_lm / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(args.base_lm))
+    del state_dict
+    if unexpected:
+        logger.warning(
+            f"{len(unexpected)} tensors have no place in the model and are not written: {_names(unexpected)}"
+        )
+        notes.append(f"{len(unexpected)} input tensors had no place in the model and were not written.")
+    if missing:
+        if not args.allow_missing:
+            raise ConvertError(
+                f"{len(missing)} weights are missing: {_names(missing)}. Pass the base LM (--base-lm) and vision "
+                "tower (--vision) the checkpoint was trained on, or --allow-missing to initialise them"
+            )
+        initialise_missing(model, missing, config)
+        logger.warning(f"initialised {len(missing)} missing weights (--allow-missing): {_names(missing)}")
+        notes.append(f"{len(missing)} weights were missing and initialised: {_names(missing, 20)}.")
+
+    write_folder(model, processor, output, args, sources, notes, checkpoint_report)
+    logger.info(f"wrote {output}")
+    return output
+
+
+def load_config(path: Path, family: str) -> tuple[FlamingoConfig, bool]:
+    """The config of the model to write, and whether Flamingo weights become Otter ones (`--to otter` with a
+    Flamingo config: the embeddings then get Otter's extra row)."""
+    from otter.configuration_otter import OtterConfig
+
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ConvertError(f"--config: no config file at {file}")
+    fields = json.loads(file.read_text())
+    model_type = fields.get("model_type", "flamingo")
+    if model_type not in ("flamingo", "otter"):
+        raise ConvertError(f"--config: expected a flamingo or otter config, got model_type {model_type!r}")
+    if family == "flamingo" and model_type == "otter":
+        raise ConvertError("--to flamingo with an Otter --config: pass a Flamingo config, or --to otter")
+    if family == "otter":
+        return OtterConfig.from_dict({**fields, "model_type": "otter"}), model_type == "flamingo"
+    return FlamingoConfig.from_dict(fields), False
+
+
+def read_vision(path: Path) -> dict[str, torch.Tensor]:
+    """An HF CLIP folder/file, or an open_clip visual state dict (`conv1.weight`, optionally under `visual.`)."""
+    state_dict = load_checkpoint(path)
+    open_clip_prefix = next(
+        (key[: -len("conv1.weight")] for key in state_dict if key.endswith("conv1.weight")),
+        None,
+    )
+    if open_clip_prefix is None:
+        return hf_clip_to_flamingo(state_dict)[0]
+    visual = {k: v for k, v in state_dict.items() if k.startswith(open_clip_prefix)}
+    return open_clip_visual_to_hf_clip(visual, open_clip_prefix, "vision_encoder.vision_model.")[0]
+
+
+def align_vocabulary(state_dict: dict, config: FlamingoConfig, adds_answer_row: bool, notes: list[str]) -> dict:
+    """Give embed_tokens and lm_head one row count (the larger; new lm_head rows of an OpenFlamingo checkpoint,
+    which never saved them, are the mean row), add Otter's `<answer>` row when converting Flamingo -> Otter, and
+    record the size in the config."""
+    embed, head = state_dict.get(EMBED_TOKENS_KEY), state_dict.get(LM_HEAD_KEY)
+    rows = max(t.shape[0] for t in (embed, head) if t is not None) if (embed is not None or head is not None) else None
+    if rows is None:
+        return state_dict
+    if embed is not None and head is not None and embed.shape[0] != head.shape[0]:
+        notes.append(
+            f"embed_tokens had {embed.shape[0]} rows and lm_head {head.shape[0]}; the shorter was padded with mean "
+            "rows (OpenFlamingo checkpoints do not save lm_head rows for their new tokens)."
+        )
+        logger.info(notes[-1])
+        state_dict = pad_vocab_rows(state_dict, rows)
+    if adds_answer_row:
+        state_dict, ids = flamingo_to_otter(state_dict)
+        rows = ids["vocab_size"]
+        config.answer_token_id = ids["answer_token_id"]
+        notes.append(
+            f"Flamingo -> Otter: one embedding row appended (mean-initialised); <answer> = {ids['answer_token_id']} "
+            f"(OpenFlamingo's <PAD> row), <PAD> = {ids['pad_token_id']}, as in the published Otter weights."
+        )
+        logger.info(notes[-1])
+    if config.text_config.vocab_size != rows:
+        logger.info(f"text_config.vocab_size: {config.text_config.vocab_size} -> {rows} (the embedding rows)")
+        config.text_config.vocab_size = rows
+    return state_dict
+
+
+def load_processor(base_lm: Path | None, family: str):
+    """The family's processor around the base LM's tokenizer (special tokens added in the published order), or
+    None when --base-lm has no tokenizer."""
+    if base_lm is None or not base_lm.is_dir() or not any((base_lm / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    if family == "otter":
+        from otter.processing_otter import OtterProcessor as processor_class
+    else:
+        from flamingo.processing_flamingo import FlamingoProcessor as processor_class
+    return processor_class(tokenizer=AutoTokenizer.from_pretrained(str(base_lm)))
+
+
+def apply_tokenizer(processor, state_dict: dict, config: FlamingoConfig, notes: list[str]):
+    """Make the config's special-token ids the tokenizer's, and the embeddings at least as long as it."""
+    for name, value in processor.special_token_ids.items():
+        if getattr(config, name, None) != value:
+            notes.append(f"config.{name}: {getattr(config, name, None)} -> {value} (the tokenizer's id)")
+            logger.info(notes[-1])
+            setattr(config, name, value)
+    size = len(processor.tokenizer)
+    if config.text_config.vocab_size < size:
+        notes.append(f"embeddings padded from {config.text_config.vocab_size} to {size} rows for the tokenizer")
+        logger.info(notes[-1])
+        state_dict.update(pad_vocab_rows(state_dict, size))
+        config.text_config.vocab_size = size
+    if config.text_config.pad_token_id is None and processor.tokenizer.pad_token_id is not None:
+        config.text_config.pad_token_id = processor.tokenizer.pad_token_id
+
+
+def build_model(config: FlamingoConfig, state_dict: dict, dtype: torch.dtype, family: str):
+    """Build the model on the meta device and assign the tensors to it (no second copy in memory)."""
+    from tqdm.auto import tqdm
+
+    from flamingo.modeling_flamingo import FlamingoForConditionalGeneration
+    from otter.modeling_otter import OtterForConditionalGeneration
+
+    model_class = OtterForConditionalGeneration if family == "otter" else FlamingoForConditionalGeneration
+    for key in tqdm(list(state_dict), desc=f"casting to {dtype}", unit="tensor", disable=None):
+        if state_dict[key].is_floating_point():
+            state_dict[key] = state_dict[key].to(dtype)
+    config.dtype = dtype
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = set(model.state_dict())
+    unexpected = sorted(set(state_dict) - expected)
+    try:
+        model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False, assign=True)
+    except RuntimeError as error:
+        raise ConvertError(f"the weights do not fit the config: {error}") from None
+    if getattr(config.text_config, "tie_word_embeddings", False):
+        model.lang_encoder.tie_weights()
+    missing = [name for name, param in model.named_parameters() if param.is_meta]
+    return model.eval(), missing, unexpected
+
+
+@torch.no_grad()
+def initialise_missing(model, missing: list[str], config: FlamingoConfig):
+    std = getattr(config.text_config, "initializer_range", 0.02)
+    dtype = config.dtype
+    for name in missing:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        shape = getattr(module, attr).shape
+        if attr in ("attn_gate", "ff_gate", "frame_embs") or attr == "bias":
+            value = torch.zeros(shape, dtype=dtype)
+        elif isinstance(module, torch.nn.LayerNorm) or "norm" in module_name.rsplit(".", 1)[-1]:
+            value = torch.ones(shape, dtype=dtype)
+        else:
+            value = torch.empty(shape, dtype=dtype).normal_(0.0, std)
+        setattr(module, attr, torch.nn.Parameter(value, requires_grad=getattr(module, attr).requires_grad))
+
+
+# ----- writing ---------------------------------------------------------------------------------------------------
+
+
+def write_folder(model, processor, output: Path, args, sources: dict, notes: list[str], report):
+    """Write into a temporary folder beside `output`, then rename it into place."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        model.stop_generation_at_end_of_chunk()
+        model.save_pretrained(staging, max_shard_size=args.max_shard_size)
+        if processor is not None:
+            processor.save_pretrained(staging)
+        (staging / "README.md").write_text(model_card(model, args, sources, notes, report))
+        _move_into_place(staging, output, args.overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _move_into_place(staging: Path, output: Path, overwrite: bool):
+    if output.exists():
+        if any(output.iterdir()) and not overwrite:
+            raise ConvertError(f"--output {output} is not empty (pass --overwrite to replace it)")
+        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        os.replace(output, old / output.name)
+        try:
+            os.replace(staging, output)
+        except BaseException:
+            os.replace(old / output.name, output)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, output)
+
+
+def model_card(model, args, sources: dict, notes: list[str], report) -> str:
+    config = model.config
+    family = "otter" if config.model_type == "otter" else "flamingo"
+    title = "Otter" if family == "otter" else "OpenFlamingo"
+    tags = ["otter-flamingo", family, "multimodal", "image-text-to-text"]
+    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags:"]
+    front += [f"- {tag}" for tag in tags]
+    front += ["---", ""]
+    text_config, vision_config = config.text_config, config.vision_config
+    semantics = (
+        "each token attends to the image of the latest `<image>` at or before it"
+        if config.only_attend_previous
+        else "text attends to the next image (OpenFlamingo v1 inference)"
+    )
+    lines = [
+        f"# {title} ({config.text_config.model_type} + CLIP), converted with `otter convert`",
+        "",
+        f"This is an otter-flamingo `{type(model).__name__}`: a CLIP vision tower "
+        f"({vision_config.num_hidden_layers} layers, width {vision_config.hidden_size}), a perceiver resampler "
+        f"({config.perceiver_depth} layers, {config.perceiver_num_latents} latents) and gated cross-attention before "
+        f"every {config.cross_attn_every_n_layers} of the {text_config.num_hidden_layers} decoder layers of a "
+        f"`{text_config.model_type}` language model.",
+        "",
+        "## Conversion",
+        "",
+        f"- dtype: `{args.dtype}`",
+        f"- `only_attend_previous`: `{config.only_attend_previous}` ({semantics})",
+        f"- special tokens: `<image>` = {config.media_token_id}, `<|endofchunk|>` = {config.endofchunk_token_id}"
+        + (f", `<answer>` = {config.answer_token_id}" if family == "otter" else ""),
+    ]
+    for what, where in sources.items():
+        lines.append(f"- {what}: `{Path(where).name}`")
+    if report is not None:
+        lines.append(f"- checkpoint keys renamed: {len(report.renamed)}, dropped: {len(report.dropped)}")
+    lines += [f"- {note}" for note in notes]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        f"from {'otter' if family == 'otter' else 'flamingo'} import {type(model).__name__}",
+        "",
+        f'model = {type(model).__name__}.from_pretrained("{args.push_to_hub or args.output.name}")',
+        "```",
+        "",
+    ]
+    return "\n".join(front + lines)
+
+
+def push(folder: Path, args):
+    """Upload `folder` to the Hub repo `args.push_to_hub` in a single commit."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=args.token)
+    repo = api.create_repo(args.push_to_hub, private=args.private, exist_ok=True, repo_type="model")
+    repo_id = getattr(repo, "repo_id", args.push_to_hub)
+    if args.revision:
+        api.create_branch(repo_id, branch=args.revision, exist_ok=True, repo_type="model")
+    commit = api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        revision=args.revision,
+        commit_message=f"Upload {folder.name} converted with otter convert",
+    )
+    logger.info(f"pushed {folder} to {repo_id}: {getattr(commit, 'commit_url', commit)}")
+    return commit
+
+
+# ----- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _check_output(output: Path, overwrite: bool):
+    if output.exists() and not output.is_dir():
+        raise ConvertError(f"--output {output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ConvertError(f"--output {output} is not empty (pass --overwrite to replace it)")
+
+
+def _names(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _show_progress(level: int):
+    """Show this command's messages on stderr while it runs (library code only logs; the command decides what is
+    shown). Returns a function that puts the loggers back as they were."""
+    handler = std_logging.StreamHandler(sys.stderr)
+    handler.setFormatter(std_logging.Formatter("%(message)s"))
+    saved = []
+    for name in ("otter", "flamingo"):
+        package_logger = std_logging.getLogger(name)
+        saved.append((package_logger, package_logger.level))
+        package_logger.addHandler(handler)
+        package_logger.setLevel(level)
+
+    def restore():
+        for package_logger, old_level in saved:
+            package_logger.removeHandler(handler)
+            package_logger.setLevel(old_level)
+
+    return restore
+
+
+if __name__ == "__main__":
+    sys.exit(main())
