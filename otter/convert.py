@@ -139,11 +139,13 @@ def convert(args: argparse.Namespace) -> Path:
         lm, report = hf_lm_to_flamingo(load_checkpoint(args.base_lm))
         logger.info(f"base LM {args.base_lm}: {len(lm)} tensors (dropped {len(report.dropped)})")
         state_dict.update(lm)
+        del lm  # one reference per tensor: the dtype cast below then never holds two copies
         sources["base LM"] = str(args.base_lm)
     if args.vision is not None:
         vision = read_vision(args.vision)
         logger.info(f"vision tower {args.vision}: {len(vision)} tensors")
         state_dict.update(vision)
+        del vision
         sources["vision tower"] = str(args.vision)
     checkpoint_report = None
     if args.checkpoint is not None:
@@ -156,6 +158,7 @@ def convert(args: argparse.Namespace) -> Path:
         if overridden:
             logger.info(f"the checkpoint replaces {len(overridden)} base tensors (e.g. {overridden[0]})")
         state_dict.update(converted)
+        del converted
         sources["checkpoint"] = str(args.checkpoint)
 
     notes: list[str] = []

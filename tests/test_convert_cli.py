@@ -260,3 +260,15 @@ def test_push_to_hub_in_one_commit(sources, tmp_path, monkeypatch):
 def test_wrapper_script_runs_the_same_main():
     namespace = runpy.run_path(str(REPO_ROOT / "scripts" / "convert_openflamingo_checkpoint.py"), run_name="wrapper")
     assert namespace["main"] is main
+
+
+def test_model_is_built_on_meta_and_takes_the_tensors_without_copying(sources):
+    """assign=True: the written model's parameters are the loaded tensors themselves (one copy in memory)."""
+    from otter.convert import build_model
+
+    state_dict = {k: v.clone() for k, v in sources["model"].state_dict().items()}
+    pointers = {k: v.data_ptr() for k, v in state_dict.items()}
+    model, missing, unexpected = build_model(tiny_config("flamingo"), state_dict, torch.float32, "flamingo")
+    assert missing == [] and unexpected == []
+    for name, param in model.named_parameters():
+        assert param.data_ptr() == pointers[name], name
