@@ -550,7 +550,10 @@ def _train(args, accelerator: Accelerator, on_step) -> TrainResult:
         model = apply_lora(model, args)
     if args.gradient_checkpointing:
         base = model.get_base_model() if args.lora else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable_names = {name for name, param in model.named_parameters() if param.requires_grad}
     total_params = sum(p.numel() for p in model.parameters())
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
