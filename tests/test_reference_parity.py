@@ -11,6 +11,14 @@ Deliberate differences, documented rather than compared:
 - Logits of left-padding positions (query rows that attend to nothing) are undefined: transformers 4.33's eager
   LLaMA attention spreads them uniformly, SDPA does something else. Only positions with attention_mask == 1 are
   compared; the model never reads the others.
+- More `<image>` tokens than images: in 2.0.1 such tokens match no image, their masked logits are all equal, and
+  the softmax spreads them uniformly over *every* image (only text before the first image is zeroed). Ours raises a
+  ValueError for that input instead of silently mixing images, so it is not part of the fixture.
+- OpenFlamingo 2.0.1 asserts one frame per image (F == 1); ours also takes video frames. The fixture uses F == 1.
+
+Semantics matched by configuration, not by code changes: OpenFlamingo 2.0.1 computes `text_time =
+cumsum(<image> locations)` with no "next image" shift, i.e. `only_attend_previous=True` (meta.json says so), and
+builds no frame embeddings (`max_num_frames=None`).
 """
 
 import json
