@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-missing",
         action="store_true",
         help="write even if weights are missing: they are initialised (gates and frame embeddings to zero, norms "
-        "to one, the rest N(0, 0.02)) and listed in the model card",
+        "to one, perceiver latents N(0, 1), the rest N(0, 0.02)) and listed in the model card",
     )
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repo, in one commit")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
@@ -322,6 +322,8 @@ def initialise_missing(model, missing: list[str], config: FlamingoConfig):
         shape = getattr(module, attr).shape
         if attr in ("attn_gate", "ff_gate", "frame_embs") or attr == "bias":
             value = torch.zeros(shape, dtype=dtype)
+        elif attr == "latents":  # as the model's own init (and the reference's randn)
+            value = torch.randn(shape).to(dtype)
         elif isinstance(module, torch.nn.LayerNorm) or "norm" in module_name.rsplit(".", 1)[-1]:
             value = torch.ones(shape, dtype=dtype)
         else:
