@@ -174,11 +174,12 @@ def load_model(name_or_path: str):
 
 
 def parameter_groups(model) -> dict[str, list[str]]:
-    """Every parameter name of a Flamingo/Otter model, by `--train` group."""
+    """Every parameter name of a Flamingo/Otter model, by `--train` group (plus "unused": parameters the forward
+    pass never touches, which never train; DDP would wait forever for their gradients)."""
     embeddings = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     lm_head = output.weight if output is not None else None
-    groups: dict[str, list[str]] = {name: [] for name in TRAIN_GROUPS}
+    groups: dict[str, list[str]] = {name: [] for name in (*TRAIN_GROUPS, "unused")}
     for name, param in model.named_parameters():
         if "gated_cross_attn_layer" in name:
             groups["xattn"].append(name)
@@ -189,7 +190,8 @@ def parameter_groups(model) -> dict[str, list[str]]:
         elif lm_head is not None and param is lm_head:
             groups["lm_head"].append(name)
         elif name.startswith("vision_encoder."):
-            groups["vision"].append(name)
+            # CLIP's post_layernorm is not used: Flamingo takes the patch tokens before it.
+            groups["unused" if ".post_layernorm." in name else "vision"].append(name)
         elif name.startswith("lang_encoder."):
             groups["lm"].append(name)
         else:

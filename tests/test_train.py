@@ -1,0 +1,340 @@
+"""otter.train on the tiny Otter and a small shapes dataset (CPU): learning, resume, what trains, checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import REPO_ROOT, TINY_TOKENIZER, tiny_model
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+from otter.data import ImageTransform, MimicitDataset, OtterDataCollator, load_mixture_yaml
+from otter.data.shapes import make_shapes_dataset
+from otter.train import (
+    TRAIN_GROUPS,
+    Schedule,
+    build_optimizer,
+    configure_trainable,
+    main,
+    parameter_groups,
+    parse_args,
+    resolve_checkpoint,
+    train,
+)
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning makes a
+    step 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), seed=0, num_image=12, num_in_context=6, num_videos=4)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-otter")
+    tiny_model("otter", seed=0, gates=None).save_pretrained(path)
+    AutoTokenizer.from_pretrained(TINY_TOKENIZER).save_pretrained(path)
+    return path
+
+
+def argv(model_dir, shapes, output_dir, *extra):
+    return [
+        "--model",
+        str(model_dir),
+        "--mimicit-yaml",
+        str(shapes.train_yaml),
+        "--output-dir",
+        str(output_dir),
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--seed",
+        "0",
+        "--no-progress-bar",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir, shapes, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("run")
+    args = parse_args(
+        argv(model_dir, shapes, output_dir, "--max-steps", str(STEPS), "--lr", "2e-3", "--save-steps", "10")
+    )
+    return train(args)
+
+
+def losses(history):
+    return [entry["loss"] for entry in history]
+
+
+def test_loss_decreases(trained):
+    loss = losses(trained.history)
+    assert len(loss) == STEPS and trained.state.global_step == STEPS
+    first, last = sum(loss[:5]) / 5, sum(loss[-5:]) / 5
+    assert last < first - 0.5, loss
+    logged = [json.loads(line) for line in (trained.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == list(range(1, STEPS + 1))
+    assert all(entry["tokens_per_s"] > 0 and entry["lr"] == pytest.approx(2e-3) for entry in logged)
+
+
+def test_frozen_parameters_unchanged_and_trained_ones_saved(trained, model_dir):
+    initial = dict(AutoModelForImageTextToText.from_pretrained(model_dir).named_parameters())
+    final = dict(trained.model.named_parameters())
+    groups = parameter_groups(trained.model)
+    trainable = {name for group in ("xattn", "perceiver", "embeddings", "lm_head") for name in groups[group]}
+    assert {name for name, param in final.items() if param.requires_grad} == trainable  # Otter's defaults
+    for name, param in final.items():
+        if name in trainable:
+            assert not torch.equal(param, initial[name]), f"{name} did not train"
+        else:
+            assert torch.equal(param, initial[name]), f"frozen {name} changed"
+    saved = load_file(trained.output_dir / "trainable_weights.safetensors")
+    assert set(saved) == trainable
+    assert all(torch.equal(saved[name], final[name]) for name in saved)
+
+
+def test_checkpoints_are_complete_and_atomic(trained):
+    names = sorted(p.name for p in trained.output_dir.iterdir())
+    assert names == [
+        "checkpoint-10",
+        "checkpoint-20",
+        "checkpoint-30",
+        "metrics.jsonl",
+        "trainable_weights.safetensors",
+    ]
+    checkpoint = trained.output_dir / "checkpoint-20"
+    assert {p.name for p in checkpoint.iterdir()} == {
+        "trainable.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "custom_checkpoint_0.pkl",  # LR scheduler
+        "custom_checkpoint_1.pkl",  # step, epoch and batch position
+        "trainer_state.json",
+    }
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == 20 and state["state"]["batch_in_epoch"] >= 0
+    # A half-written checkpoint is never "latest".
+    (trained.output_dir / "checkpoint-99.tmp").mkdir()
+    try:
+        assert resolve_checkpoint("latest", trained.output_dir) == trained.output_dir / "checkpoint-30"
+        with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+            resolve_checkpoint(str(trained.output_dir / "checkpoint-99.tmp"), trained.output_dir)
+    finally:
+        (trained.output_dir / "checkpoint-99.tmp").rmdir()
+
+
+def test_gradient_checkpointing_gives_the_same_losses(trained, model_dir, shapes, tmp_path):
+    args = parse_args(
+        argv(
+            model_dir,
+            shapes,
+            tmp_path,
+            "--max-steps",
+            "3",
+            "--lr",
+            "2e-3",
+            "--save-steps",
+            "10",
+            "--gradient-checkpointing",
+        )
+    )
+    result = train(args)
+    assert losses(result.history) == pytest.approx(losses(trained.history)[:3], abs=1e-5)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_continues_the_same_loss_curve(model_dir, shapes, tmp_path):
+    schedule = ["--max-steps", "8", "--save-steps", "4", "--gradient-accumulation-steps", "2", "--lr", "1e-3"]
+    schedule += ["--lr-scheduler", "cosine", "--warmup-steps", "2"]
+    uninterrupted = train(parse_args(argv(model_dir, shapes, tmp_path / "a", *schedule)))
+
+    def crash_at_step_6(step, metrics):
+        if step == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(parse_args(argv(model_dir, shapes, tmp_path / "b", *schedule)), on_step=crash_at_step_6)
+    assert resolve_checkpoint("latest", tmp_path / "b").name == "checkpoint-4"
+    resumed = train(
+        parse_args(argv(model_dir, shapes, tmp_path / "b", *schedule, "--resume-from-checkpoint", "latest"))
+    )
+    assert [entry["step"] for entry in resumed.history] == [5, 6, 7, 8]
+    expected = {entry["step"]: entry for entry in uninterrupted.history}
+    for entry in resumed.history:
+        assert abs(entry["loss"] - expected[entry["step"]]["loss"]) < 1e-5
+        assert entry["lr"] == pytest.approx(expected[entry["step"]]["lr"])
+    final_a = dict(uninterrupted.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        assert torch.allclose(param, final_a[name], atol=1e-6), name
+
+    # The data position only means something with the same batch size, seed, etc.
+    with pytest.raises(ValueError, match="batch_size"):
+        changed = argv(model_dir, shapes, tmp_path / "b", *schedule, "--resume-from-checkpoint", "latest")
+        train(parse_args([*changed, "--batch-size", "2"]))
+
+
+def batch_of(shapes, tokenizer, size=6):
+    dataset = MimicitDataset(load_mixture_yaml(shapes.train_yaml), tokenizer, ImageTransform(32))
+    picks = [0, 1, dataset.source_ranges[1][0], dataset.source_ranges[1][0] + 1, dataset.source_ranges[3][0]][:size]
+    batch = OtterDataCollator(tokenizer.pad_token_id, image_shape=(3, 32, 32))([dataset[i] for i in picks])
+    return {key: batch[key] for key in ("input_ids", "attention_mask", "labels", "vision_x")}
+
+
+@pytest.mark.parametrize(
+    "groups", [["xattn"], ["perceiver", "lm_head"], ["embeddings"], ["lm", "vision"], list(TRAIN_GROUPS)]
+)
+def test_only_the_selected_groups_get_gradients(shapes, groups):
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    model = tiny_model("otter", gates=1.0).train()
+    counts = configure_trainable(model, groups)
+    assert set(counts) == set(groups) and all(count > 0 for count in counts.values())
+    model(**batch_of(shapes, tokenizer)).loss.backward()
+    by_group = parameter_groups(model)
+    selected = {name for group in groups for name in by_group[group]}
+    for name, param in model.named_parameters():
+        assert (param.grad is not None) == (name in selected), name
+    for group in groups:
+        assert any(model.get_parameter(name).grad.abs().sum() > 0 for name in by_group[group]), group
+
+
+def test_mask_lm_head_updates_only_the_special_rows(shapes):
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    model = tiny_model("otter", gates=1.0).train()
+    special = (4, 3, 5)  # <image>, <|endofchunk|>, <answer>
+    configure_trainable(model, ["xattn", "embeddings", "lm_head"], mask_rows=special)
+    model(**batch_of(shapes, tokenizer)).loss.backward()
+    for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        others = [row for row in range(weight.shape[0]) if row not in special]
+        assert not weight.grad[others].any()
+        assert weight.grad[list(special)].abs().sum() > 0
+
+
+def test_weight_decay_only_on_cross_attention_weights():
+    model = tiny_model("otter", gates=None)
+    configure_trainable(model, list(TRAIN_GROUPS))
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.1)
+    names = {id(param): name for name, param in model.named_parameters()}
+    decayed = sorted(names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"])
+    assert decayed and all("gated_cross_attn_layer" in name and name.endswith(".weight") for name in decayed)
+    assert not any("gate" in name.rsplit(".", 2)[-2] or "norm" in name for name in decayed)
+    assert any(name.endswith("attn.to_q.weight") for name in decayed)
+    everything = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert len(everything) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_schedules():
+    linear, cosine, constant = Schedule("linear", 2, 10), Schedule("cosine", 2, 10), Schedule("constant", 2, 10)
+    assert [round(linear(s), 4) for s in (0, 1, 2, 6, 10)] == [0.3333, 0.6667, 1.0, 0.5, 0.0]
+    assert cosine(2) == 1.0 and cosine(6) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
+    assert constant(1) == pytest.approx(2 / 3) and constant(50) == 1.0
+
+
+def test_fsdp_config_wraps_existing_layer_classes():
+    config = yaml.safe_load((REPO_ROOT / "configs/accelerate/fsdp.yaml").read_text())["fsdp_config"]
+    assert config["fsdp_use_orig_params"] is True
+    wrapped = config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    assert set(wrapped) == {"FlamingoLayer", "PerceiverBlock", "CLIPEncoderLayer"}
+    present = {type(module).__name__ for module in tiny_model("otter", gates=None).modules()}
+    assert set(wrapped) <= present
+    for name in ("single", "ddp", "deepspeed_zero2", "deepspeed_zero3"):
+        assert yaml.safe_load((REPO_ROOT / f"configs/accelerate/{name}.yaml").read_text())["distributed_type"]
+
+
+def test_main_with_explicit_files_lora_and_hf_export(model_dir, shapes, tmp_path):
+    """`main(argv)` with --instructions/--images/--train-config (in-context task), LoRA, and --save-hf-model."""
+    out = tmp_path / "run"
+    code = main(
+        [
+            "--model",
+            str(model_dir),
+            "--instructions",
+            str(shapes.output_dir / "SHAPES_ICL_instructions.json"),
+            "--images",
+            str(shapes.images),
+            "--train-config",
+            str(shapes.output_dir / "SHAPES_ICL_train.json"),
+            "--task-type",
+            "in_context",
+            "--output-dir",
+            str(out),
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "2",
+            "--num-workers",
+            "0",
+            "--lora",
+            "--lora-rank",
+            "4",
+            "--save-hf-model",
+            "--no-progress-bar",
+        ]
+    )
+    assert code == 0
+    exported = AutoModelForImageTextToText.from_pretrained(out / "hf_model")
+    assert not any("lora" in name for name, _ in exported.named_parameters())
+    assert AutoTokenizer.from_pretrained(out / "hf_model").convert_tokens_to_ids("<answer>") == 5
+    saved = load_file(out / "trainable_weights.safetensors")
+    assert any("lora_A" in name for name in saved) and any("gated_cross_attn_layer" in name for name in saved)
+
+
+def test_argument_errors(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--output-dir", "o"])
+    assert "give --mimicit-yaml or --instructions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--output-dir", "o", "--instructions", "i.json"])
+    assert "--task-type image needs --images" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--output-dir", "o", "--mimicit-yaml", "y", "--train", "lm", "--lora"])
+
+
+def test_two_process_ddp_run_completes_and_saves(model_dir, shapes, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo; ACCELERATE_USE_CPU makes it CPU DDP)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        "-m",
+        "otter.train",
+        *argv(model_dir, shapes, tmp_path, "--max-steps", "3", "--save-steps", "2"),
+    ]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stderr
+    assert {p.name for p in tmp_path.iterdir()} >= {"checkpoint-2", "checkpoint-3", "trainable_weights.safetensors"}
+    assert (tmp_path / "checkpoint-3" / "random_states_1.pkl").is_file()
+    logged = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in logged] == [1, 2, 3]  # logged once, by the main process
