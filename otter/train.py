@@ -488,6 +488,7 @@ def build_dataset(args, tokenizer, config):
         max_length=args.max_length,
         seed=args.seed,
         skip_bad_records=args.skip_bad_records,
+        image_index_cache=args.output_dir / "image_index",
     )
 
 
@@ -565,7 +566,8 @@ def _train(args, accelerator: Accelerator, on_step) -> TrainResult:
     )
 
     # Data: this process's shard of a deterministic batch order.
-    dataset = build_dataset(args, tokenizer, config)
+    with accelerator.main_process_first():  # the main process scans JSON image files; the others read its offsets
+        dataset = build_dataset(args, tokenizer, config)
     if args.validate_data:
         checked = dataset.check_images()
         logger.info(f"checked {checked} images: {dataset.bad_records.summary()}")
@@ -659,7 +661,6 @@ def _train(args, accelerator: Accelerator, on_step) -> TrainResult:
     window_tokens = 0
     window_skipped = 0
     window_start = time.perf_counter()
-    trainable = [p for p in model.parameters() if p.requires_grad]
     grad_norm = None
     done = state.global_step >= total_steps
     while not done:
@@ -683,7 +684,9 @@ def _train(args, accelerator: Accelerator, on_step) -> TrainResult:
                 loss = model(**batch).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                    # All of the model's parameters (frozen ones have no gradient): FSDP needs them to clip the
+                    # norm of the whole sharded model, not of this rank's shard.
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     scheduler.step()

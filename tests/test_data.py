@@ -336,6 +336,26 @@ def test_json_index_reads_in_chunks_and_fetches_only_one_image(tmp_path, monkeyp
         store.get_base64("nope")
 
 
+def test_json_index_cache(tmp_path, monkeypatch):
+    path = write_json(tmp_path / "imgs.json", {"a": png_base64(), "b": png_base64((0, 255, 0))})
+    cache = tmp_path / "cache"
+    first = JsonImageStore(path, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 1
+    opened = []
+    real_open = open
+
+    def recording_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(images_module, "open", recording_open, raising=False)
+    second = JsonImageStore(path, cache_dir=cache)
+    assert str(path) not in opened  # the offsets came from the cache: the images file was not scanned
+    assert second.get_base64("b") == first.get_base64("b")
+    write_json(path, {"c": png_base64()})  # a changed file gets a new cache entry
+    assert list(JsonImageStore(path, cache_dir=cache).ids()) == ["c"]
+
+
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 7, 64, 1 << 20])
 def test_json_index_agrees_with_json_load(tmp_path, chunk_size):
     content = {"a": "QUJD", 'k\u00e9y \\ "q"': "RA==", "esc/": "a\\/b", "": "", "dup": "x", "z": "eg"}

@@ -116,6 +116,7 @@ def test_checkpoints_are_complete_and_atomic(trained):
         "checkpoint-10",
         "checkpoint-20",
         "checkpoint-30",
+        "image_index",  # byte offsets of the JSON images file, shared by processes and runs
         "metrics.jsonl",
         "trainable_weights.safetensors",
     ]

@@ -61,6 +61,8 @@ class MimicitDataset(Dataset):
             in-context turns first, the query last.
         seed: seeds the in-context shuffle.
         skip_bad_records: log and count bad records instead of raising.
+        image_index_cache: a directory where the byte offsets of JSON image files are kept between runs and
+            processes (the first one scans, the others read).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class MimicitDataset(Dataset):
         shuffle_in_context: bool = True,
         seed: int = 0,
         skip_bad_records: bool = False,
+        image_index_cache: str | Path | None = None,
     ):
         if not sources:
             raise ValueError("MimicitDataset needs at least one source")
@@ -104,7 +107,7 @@ class MimicitDataset(Dataset):
                     raise DataError(f"source {source.name!r} ({source.task_type.value}) needs an images file", None)
                 key = Path(source.images_path).resolve()
                 if key not in stores_by_path:
-                    stores_by_path[key] = open_image_store(source.images_path)
+                    stores_by_path[key] = open_image_store(source.images_path, cache_dir=image_index_cache)
                 store = stores_by_path[key]
             if source.train_config_path is not None:
                 train_config = load_train_config(source.train_config_path, self.bad_records)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
 import os
@@ -279,17 +280,51 @@ def _json_kind(byte: int) -> str:
 
 class JsonImageStore(ImageStore):
     """`{image_id: base64}` JSON, indexed by byte offsets in one chunked scan (`chunk_size` bytes per read).
-    Fetching an image reads exactly its own bytes."""
+    Fetching an image reads exactly its own bytes.
 
-    def __init__(self, path: str | os.PathLike, chunk_size: int = 1 << 20):
+    With `cache_dir`, the offsets are saved there (keyed by the file's path, size and modification time) and
+    reused, so the scan runs once, not once per process or per run."""
+
+    def __init__(self, path: str | os.PathLike, chunk_size: int = 1 << 20, cache_dir: str | os.PathLike | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError("images file not found", self.path)
         self.chunk_size = chunk_size
-        self._index = index_json_object(self.path, chunk_size)
+        self._index = self._cached_index(Path(cache_dir)) if cache_dir is not None else None
+        if self._index is None:
+            self._index = index_json_object(self.path, chunk_size)
+            if cache_dir is not None:
+                self._save_index(Path(cache_dir))
         self._handle = None
         self._handle_pid = None
         logger.info(f"{self.path}: indexed {len(self._index)} images")
+
+    def _cache_file(self, cache_dir: Path) -> Path:
+        stat = self.path.stat()
+        key = f"{self.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        return cache_dir / f"{self.path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.offsets.json"
+
+    def _cached_index(self, cache_dir: Path) -> dict | None:
+        cache_file = self._cache_file(cache_dir)
+        if not cache_file.is_file():
+            return None
+        try:
+            with open(cache_file) as handle:
+                content = json.load(handle)
+            index = {key: (int(start), int(end), bool(escaped)) for key, (start, end, escaped) in content.items()}
+        except (OSError, ValueError, TypeError) as error:
+            logger.warning(f"{cache_file}: unreadable offsets cache ({error}); scanning {self.path} again")
+            return None
+        logger.info(f"{self.path}: offsets read from {cache_file}")
+        return index
+
+    def _save_index(self, cache_dir: Path) -> None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_file = self._cache_file(cache_dir)
+        temporary = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+        with open(temporary, "w") as handle:
+            json.dump({key: list(value) for key, value in self._index.items()}, handle)
+        os.replace(temporary, cache_file)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -429,13 +464,14 @@ class ParquetImageStore(ImageStore):
         return value
 
 
-def open_image_store(path: str | os.PathLike, **kwargs) -> ImageStore:
-    """A `JsonImageStore` for `.json`, a `ParquetImageStore` for `.parquet`."""
+def open_image_store(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> ImageStore:
+    """A `JsonImageStore` for `.json` (its offsets cached in `cache_dir` when given), a `ParquetImageStore` for
+    `.parquet`."""
     suffix = Path(path).suffix.lower()
     if suffix == ".json":
-        return JsonImageStore(path, **kwargs)
+        return JsonImageStore(path, cache_dir=cache_dir)
     if suffix in (".parquet", ".pq"):
-        return ParquetImageStore(path, **kwargs)
+        return ParquetImageStore(path)
     raise DataError("unsupported images file: expected .json or .parquet", path)
 
 
