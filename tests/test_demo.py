@@ -1,0 +1,181 @@
+"""Fast tests of `otter.demo` without a browser: the prompts and inputs it builds, media checks, generation."""
+
+import pytest
+import torch
+from conftest import REPO_ROOT, TINY_TOKENIZER, tiny_model
+from PIL import Image
+from transformers import AutoTokenizer, CLIPImageProcessorPil
+
+from otter import OtterProcessor
+from otter.demo import (
+    MAX_IMAGES,
+    DemoInputError,
+    build_inputs,
+    generation_kwargs,
+    open_image,
+    open_video,
+    sample_frames,
+    stream_answer,
+)
+
+RED_CIRCLE = REPO_ROOT / "examples" / "images" / "red_circle.png"
+BLUE_SQUARE = REPO_ROOT / "examples" / "images" / "blue_square.png"
+
+
+@pytest.fixture(scope="module")
+def processor():
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return OtterProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(TINY_TOKENIZER))
+
+
+@pytest.fixture(scope="module")
+def red():
+    return Image.open(RED_CIRCLE).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def blue():
+    return Image.open(BLUE_SQUARE).convert("RGB")
+
+
+def test_one_image_is_otters_prompt(processor, red):
+    prompt, inputs = build_inputs(processor, "  What colour?  ", [red])
+    assert prompt == "<image>User: What colour? GPT:<answer>" == processor.build_prompt("What colour?")
+    assert inputs["vision_x"].shape == (1, 1, 1, 3, 32, 32)
+    expected = processor(text=prompt, images=[red], return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], expected["input_ids"])
+    assert torch.equal(inputs["vision_x"], expected["vision_x"])
+
+
+def test_several_images_all_come_before_the_question(processor, red, blue):
+    prompt, inputs = build_inputs(processor, "Which is red?", [red, blue])
+    assert prompt == "<image><image>User: Which is red? GPT:<answer>"
+    assert inputs["vision_x"].shape == (1, 2, 1, 3, 32, 32)
+    assert torch.equal(inputs["vision_x"][0, 1], processor(text="<image>", images=[blue])["vision_x"][0, 0])
+
+
+def test_history_follows_the_images(processor, red):
+    prompt, inputs = build_inputs(processor, "And the shape?", [red], history=[("What colour?", "red")])
+    assert prompt == "<image>User: What colour? GPT:<answer> red<|endofchunk|>User: And the shape? GPT:<answer>"
+    # with one image this is exactly the video-style prompt that `otter chat` uses
+    assert prompt == processor.build_video_prompt("And the shape?", in_context=[("What colour?", "red")])
+    assert inputs["vision_x"].shape == (1, 1, 1, 3, 32, 32)
+
+
+def test_in_context_examples_go_first_with_their_images(processor, red, blue):
+    prompt, inputs = build_inputs(
+        processor, "What colour?", [blue], history=[("Is it round?", "no")], examples=[(red, " red ")]
+    )
+    assert prompt == (
+        "<image>User: What colour? GPT:<answer> red<|endofchunk|>"
+        "<image>User: Is it round? GPT:<answer> no<|endofchunk|>User: What colour? GPT:<answer>"
+    )
+    expected = processor(text=prompt, images=[red, blue], return_tensors="pt")
+    assert torch.equal(inputs["vision_x"], expected["vision_x"])
+    # without history it is what `otter generate --in-context` builds
+    prompt, _ = build_inputs(processor, "What colour?", [blue], examples=[(red, "red")])
+    assert prompt == processor.build_prompt("What colour?", in_context=[("What colour?", "red")])
+
+
+def test_video_is_one_image_token_with_frames(processor, red, blue):
+    prompt, inputs = build_inputs(processor, "What happens?", frames=[red, blue, red], history=[("Hi?", "hello")])
+    assert prompt == processor.build_video_prompt("What happens?", in_context=[("Hi?", "hello")])
+    assert inputs["vision_x"].shape == (1, 1, 3, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"question": "   ", "images": ["red"]}, "Type a question"),
+        ({"question": "q"}, "Upload an image"),
+        ({"question": "q", "images": ["red"], "frames": ["red"]}, "not both"),
+        ({"question": "q", "frames": ["red"], "examples": [("red", "a")]}, "cannot be combined with a video"),
+        ({"question": "q", "images": ["red"], "examples": [("red", "  ")]}, "needs both an image and its answer"),
+        ({"question": "q", "images": ["red"] * (MAX_IMAGES + 1)}, f"At most {MAX_IMAGES} images"),
+    ],
+)
+def test_input_errors_are_user_messages(processor, red, kwargs, message):
+    def real(values):
+        return [red if value == "red" else value for value in values]
+
+    kwargs = {name: real(value) if isinstance(value, list) else value for name, value in kwargs.items()}
+    if "examples" in kwargs:
+        kwargs["examples"] = [(red, answer) for _, answer in kwargs["examples"]]
+    with pytest.raises(DemoInputError, match=message):
+        build_inputs(processor, **kwargs)
+
+
+def test_non_image_file_names_the_file_not_the_server_path(tmp_path):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not an image")
+    with pytest.raises(DemoInputError) as error:
+        open_image(text_file)
+    assert str(error.value).startswith("notes.txt is not an image")
+    assert str(tmp_path) not in str(error.value)
+    with pytest.raises(DemoInputError, match="clip.mp4 is a video file"):
+        open_image(tmp_path / "clip.mp4")
+
+
+def test_videos_from_animated_gif_or_frames(tmp_path, red, blue):
+    gif = tmp_path / "clip.gif"
+    frames = [Image.new("RGB", (16, 16), (10 * i, 0, 0)) for i in range(12)]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=40, loop=0)
+    decoded = open_video([gif], max_frames=4)
+    assert len(decoded) == 4 and all(frame.mode == "RGB" for frame in decoded)
+    assert [frame.getpixel((0, 0))[0] for frame in decoded] == [0, 40, 70, 110]  # frames 0, 4, 7, 11
+    red_path, blue_path = tmp_path / "b.png", tmp_path / "a.png"
+    red.save(red_path)
+    blue.save(blue_path)
+    ordered = open_video([red_path, blue_path], max_frames=8)  # frames in name order
+    assert [frame.getpixel((16, 16)) for frame in ordered] == [blue.getpixel((16, 16)), red.getpixel((16, 16))]
+    with pytest.raises(DemoInputError, match="cannot be decoded here"):
+        open_video([tmp_path / "clip.mp4"], max_frames=8)
+    assert sample_frames(list(range(10)), 3) == [0, 4, 9]
+    assert sample_frames(list(range(3)), 8) == [0, 1, 2]
+
+
+def test_generation_settings():
+    assert generation_kwargs(16, 1, 0.0, 0.9) == {"max_new_tokens": 16, "num_beams": 1, "do_sample": False}
+    assert generation_kwargs(8, 2, 0.7, 0.9) == {
+        "max_new_tokens": 8,
+        "num_beams": 2,
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.9,
+    }
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_stream_answer_ends_with_the_models_answer(processor, red, num_beams):
+    model = tiny_model("otter", seed=1)
+    _, inputs = build_inputs(processor, "What colour?", [red])
+    steps = list(stream_answer(model, processor, inputs, **generation_kwargs(6, num_beams, 0.0, 1.0)))
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=6, num_beams=num_beams, do_sample=False)
+    assert steps[-1] == (processor.decode_answer(output[0]), True)
+    assert all(not finished for _, finished in steps[:-1])
+    if num_beams == 1:
+        assert len(steps) > 2  # streamed piece by piece
+
+
+def test_generation_errors_reach_the_caller(processor, red):
+    model = tiny_model("otter", seed=1)
+    _, inputs = build_inputs(processor, "What colour?", [red])
+    with pytest.raises(ValueError):
+        list(stream_answer(model, processor, inputs, max_new_tokens=-3, num_beams=1))
+
+
+def test_demo_command_errors_are_one_line(capsys):
+    from otter.cli import main
+
+    assert main(["demo", "--model", "/no/such/model"]) == 2
+    err = capsys.readouterr().err
+    assert "model not found: /no/such/model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_build_demo_has_the_parts(processor):
+    from otter.demo import build_demo
+
+    demo = build_demo(tiny_model("otter", seed=1), processor, max_new_tokens=8, max_upload_mb=2)
+    ids = {block.elem_id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    assert {"images", "video", "preview", "chat", "question", "send", "status", "example-image-1"} <= ids
