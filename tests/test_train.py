@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -310,6 +311,12 @@ def test_argument_errors(capsys):
         parse_args(["--model", "m", "--output-dir", "o", "--mimicit-yaml", "y", "--train", "lm", "--lora"])
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_process_ddp_run_completes_and_saves(model_dir, shapes, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo; ACCELERATE_USE_CPU makes it CPU DDP)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -327,7 +334,7 @@ def test_two_process_ddp_run_completes_and_saves(model_dir, shapes, tmp_path):
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        "29517",
+        str(free_port()),
         "-m",
         "otter.train",
         *argv(model_dir, shapes, tmp_path, "--max-steps", "3", "--save-steps", "2"),
