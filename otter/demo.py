@@ -24,6 +24,7 @@ reaches the internet (unless `--share` is asked for, which opens a public gradio
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import threading
@@ -250,7 +251,7 @@ def build_demo(model, processor, max_new_tokens: int = 64, max_upload_mb: float 
     `max_upload_mb` is only shown in the page; the limit itself is `launch`'s `max_file_size`."""
     gr = import_gradio()
     max_frames = getattr(model.config, "max_num_frames", None) or DEFAULT_MAX_FRAMES
-    size_hint = f", at most {max_upload_mb:g} MB each" if max_upload_mb else ""
+    size_hint = f", {max_upload_mb:g} MB each" if max_upload_mb else ""
     model_name = Path(str(getattr(model.config, "_name_or_path", "") or "")).name or type(model).__name__
 
     def read_media(image_files, video_files) -> tuple[list, list]:
@@ -324,7 +325,7 @@ def build_demo(model, processor, max_new_tokens: int = 64, max_upload_mb: float 
 
     with gr.Blocks(title=f"{title} demo", analytics_enabled=False) as demo:
         gr.Markdown(
-            f"# {title}\nModel: `{model_name}`. Upload images (or a video), add in-context examples if you like, and "
+            f"# {title}\nModel: **{model_name}**. Upload images (or a video), add in-context examples if you like, and "
             "chat about them. Answers stream in as they are generated; other users' requests wait in a queue."
         )
         history = gr.State([])
@@ -332,7 +333,7 @@ def build_demo(model, processor, max_new_tokens: int = 64, max_upload_mb: float 
             with gr.Column(scale=1):
                 image_files = gr.File(
                     file_count="multiple",
-                    label=f"Images ({IMAGE_HINT}; up to {MAX_IMAGES}{size_hint})",
+                    label=f"Images (up to {MAX_IMAGES}{size_hint})",
                     elem_id="images",
                 )
                 video_files = gr.File(
@@ -341,15 +342,16 @@ def build_demo(model, processor, max_new_tokens: int = 64, max_upload_mb: float 
                     elem_id="video",
                 )
                 gr.Markdown(
-                    f"MP4 and other video files are not decoded (no video decoder is installed): upload an animated "
-                    f"GIF or the frames instead. Videos are resampled to {max_frames} frames."
+                    f"Images: {IMAGE_HINT}. Videos: MP4 and other video files are not decoded (no video decoder is "
+                    f"installed); upload an animated GIF or the frames. Videos are resampled to {max_frames} frames."
                 )
                 preview = gr.Gallery(
                     label="Media",
                     columns=4,
-                    height=160,
+                    height=140,
                     object_fit="contain",
                     preview=False,
+                    fit_columns=False,
                     interactive=False,
                     elem_id="preview",
                 )
@@ -357,20 +359,10 @@ def build_demo(model, processor, max_new_tokens: int = 64, max_upload_mb: float 
                     gr.Markdown("Each example shows the model an image and the answer to the same question.")
                     example_files, example_answers = [], []
                     for index in range(1, NUM_EXAMPLES + 1):
-                        with gr.Row():
-                            example_files.append(
-                                gr.File(label=f"Example image {index}", elem_id=f"example-image-{index}")
-                            )
-                            example_answers.append(
-                                gr.Textbox(label=f"Answer {index}", elem_id=f"example-answer-{index}")
-                            )
-                with gr.Accordion("Generation settings", open=False):
-                    max_tokens = gr.Slider(1, 512, value=max_new_tokens, step=1, label="Max new tokens")
-                    num_beams = gr.Slider(1, 8, value=1, step=1, label="Beams (more than 1: no streaming)")
-                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0: greedy)")
-                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (when sampling)")
+                        example_files.append(gr.File(label=f"Example image {index}", elem_id=f"example-image-{index}"))
+                        example_answers.append(gr.Textbox(label=f"Answer {index}", elem_id=f"example-answer-{index}"))
             with gr.Column(scale=2):
-                chatbot = gr.Chatbot(label="Chat", height=420, render_markdown=False, elem_id="chat")
+                chatbot = gr.Chatbot(label="Chat", height=360, render_markdown=False, elem_id="chat")
                 question = gr.Textbox(
                     label="Question", placeholder="What is in the image?", lines=1, elem_id="question"
                 )
@@ -380,6 +372,11 @@ def build_demo(model, processor, max_new_tokens: int = 64, max_upload_mb: float 
                 status = gr.Markdown(
                     "Upload an image (or a video / its frames), then ask a question.", elem_id="status"
                 )
+                with gr.Accordion("Generation settings", open=False):
+                    max_tokens = gr.Slider(1, 512, value=max_new_tokens, step=1, label="Max new tokens")
+                    num_beams = gr.Slider(1, 8, value=1, step=1, label="Beams (more than 1: no streaming)")
+                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0: greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (when sampling)")
 
         for media in (image_files, video_files):
             media.change(on_media_change, [image_files, video_files], [preview, status, chatbot, history])
@@ -417,7 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.max_upload_mb <= 0:
             raise UsageError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-        import_gradio()
+        if importlib.util.find_spec("gradio") is None:  # say so before loading a model
+            import_gradio()
         model, processor = load_model(args.model, args.device)
         demo = build_demo(model, processor, max_new_tokens=args.max_new_tokens, max_upload_mb=args.max_upload_mb)
     except UsageError as error:

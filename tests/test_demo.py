@@ -179,3 +179,14 @@ def test_build_demo_has_the_parts(processor):
     demo = build_demo(tiny_model("otter", seed=1), processor, max_new_tokens=8, max_upload_mb=2)
     ids = {block.elem_id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert {"images", "video", "preview", "chat", "question", "send", "status", "example-image-1"} <= ids
+
+
+def test_missing_gradio_is_one_line(monkeypatch, capsys):
+    import sys
+
+    from otter.cli import main
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if the `demo` extra were not installed
+    assert main(["demo", "--model", "/no/such/model"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'otter-flamingo[demo]'" in err and len(err.strip().splitlines()) == 1
