@@ -190,3 +190,27 @@ def test_missing_gradio_is_one_line(monkeypatch, capsys):
     assert main(["demo", "--model", "/no/such/model"]) == 2
     err = capsys.readouterr().err
     assert "pip install 'otter-flamingo[demo]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_send_handler_streams_into_the_chat(processor):
+    """The Send handler of the page, called as gradio calls it: the chat grows piece by piece, ends with the parsed
+    answer, and the history keeps the turn; a bad file gives a status message and no turn."""
+    from otter.demo import build_demo
+
+    model = tiny_model("otter", seed=1)
+    demo = build_demo(model, processor, max_new_tokens=6)
+    respond = next(block_fn.fn for block_fn in demo.fns.values() if getattr(block_fn.fn, "__name__", "") == "respond")
+    no_examples = [None] * 2 + [""] * 2
+    updates = list(respond("What colour?", [], [], [str(RED_CIRCLE)], None, *no_examples, 6, 1, 0.0, 1.0))
+    history, chat, status, _ = updates[-1]
+    red = Image.open(RED_CIRCLE).convert("RGB")
+    inputs = processor(text="<image>User: What colour? GPT:<answer>", images=[red], return_tensors="pt")
+    with torch.no_grad():
+        answer = processor.decode_answer(model.generate(**inputs, max_new_tokens=6, do_sample=False)[0])
+    assert history == [("What colour?", answer)] and status == "Done."
+    assert chat == [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": answer}]
+    streamed = [update[1][-1]["content"] for update in updates[1:-1]]
+    assert len(streamed) > 2 and all(len(a) <= len(b) for a, b in zip(streamed, streamed[1:], strict=False))
+
+    updates = list(respond("What colour?", [], [], [str(REPO_ROOT / "pyproject.toml")], None, *no_examples, 6, 1, 0, 1))
+    assert len(updates) == 1 and updates[0][1] == [] and "pyproject.toml is not an image" in updates[0][2]

@@ -2,8 +2,8 @@
 
 The demo runs as its own process (`python -m otter.cli demo`) on 127.0.0.1 with a tiny random model saved to a
 temporary directory. The browser uploads an image, asks two questions and reads the streamed answers from the chat,
-which must equal what the model generates for the same prompts; then it uploads a text file and a too-large file
-and reads the error messages. Nothing leaves localhost: gradio's analytics are off and Chromium runs without its
+which must equal what the model generates for the same prompts; it uploads a text file and reads the error message,
+asks about an animated GIF as a video, and uploads a too-large file. Nothing leaves localhost: gradio's analytics are off and Chromium runs without its
 background networking.
 
 Chromium must be at /usr/bin/chromium (`apt-get install -y chromium`; `.ci/run` does it). Without it the test fails:
@@ -24,6 +24,7 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from otter import OtterForConditionalGeneration, OtterProcessor
+from otter.demo import open_video
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -138,10 +139,10 @@ def status_contains(page, text: str) -> None:
     )
 
 
-def model_answer(model_dir, prompt: str, images: list) -> str:
+def model_answer(model_dir, prompt: str, images: list | None = None, videos: list | None = None) -> str:
     model = OtterForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = OtterProcessor.from_pretrained(model_dir)
-    inputs = processor(text=prompt, images=images, return_tensors="pt")
+    inputs = processor(text=prompt, images=images, videos=videos, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, num_beams=1, do_sample=False)
     return processor.decode_answer(output[0])
@@ -190,6 +191,16 @@ def test_demo_in_chromium(page, model_dir, tmp_path):
     page.wait_for_timeout(500)
     status_contains(page, "notes.txt is not an image")
     assert page.locator('#chat [data-testid="bot"]').count() == 0  # the new upload started a new conversation
+
+    # a video: an animated GIF, resampled to the model's max_num_frames (8 in the tiny config)
+    page.locator("#images button[aria-label='Clear']").first.click()
+    gif = tmp_path / "clip.gif"
+    frames = [Image.new("RGB", (32, 32), (20 * i, 200 - 15 * i, 40)) for i in range(12)]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=40, loop=0)
+    page.locator("#video input[type=file]").set_input_files(str(gif))
+    status_contains(page, "Video ready: 8 frame(s)")
+    video_answer = model_answer(model_dir, "<image>User: What happens? GPT:<answer>", videos=[open_video([gif], 8)])
+    assert ask(page, "What happens?", turn=1) == video_answer
 
     # uploads above --max-upload-mb are refused by gradio before they reach the app
     big_file = tmp_path / "big.png"
