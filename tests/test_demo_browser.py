@@ -125,12 +125,15 @@ def page(demo_server, browser_context):
     process, port, log_path = demo_server
     wait_until_listening(process, port, log_path)
     page = browser_context.new_page()
-    errors = []
+    errors, elsewhere = [], []
     page.on("pageerror", lambda error: errors.append(error))
+    local = (f"http://127.0.0.1:{port}/", "data:", "blob:")
+    page.on("request", lambda request: None if request.url.startswith(local) else elsewhere.append(request.url))
     page.goto(f"http://127.0.0.1:{port}/")
     page.locator("#question textarea").wait_for()
     yield page
     assert not errors, f"JavaScript errors in the page: {errors}"
+    assert not elsewhere, f"the page requested URLs outside the demo: {elsewhere}"
 
 
 def status_contains(page, text: str) -> None:
