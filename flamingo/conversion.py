@@ -54,6 +54,7 @@ _PERCEIVER_ATTN = re.compile(r"^perceiver\.layers\.(\d+)\.0\.")
 _PERCEIVER_FF = re.compile(r"^perceiver\.layers\.(\d+)\.1\.")
 _XATTN_FF = re.compile(r"\.gated_cross_attn_layer\.ff\.")
 _ROTARY_INV_FREQ = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_OPEN_CLIP_V1_VISUAL = "vision_encoder.visual."
 _ALIAS = re.compile(r"^lang_encoder\.(gated_cross_attn_layers|old_decoder_blocks)\.(\d+)\.(.+)$")
 _WRAPPED_LAYER = re.compile(r"^lang_encoder\.(.+)\.(\d+)\.(gated_cross_attn_layer|decoder_layer)\.")
 
@@ -203,8 +204,10 @@ def rename_openflamingo_v1(state_dict: Mapping[str, torch.Tensor]) -> tuple[Stat
     - `lang_encoder.model.layers.{i}.X` that is neither `gated_cross_attn_layer` nor `decoder_layer` (LLaMA weights
       merged in without the wrapper) -> `lang_encoder.model.layers.{i}.decoder_layer.X`.
     - `rotary_emb.inv_freq` buffers (persistent in transformers 4.28) are dropped.
-    - open_clip visual keys under `vision_encoder.` (absent from the released file, which only holds trainable
-      weights) go through [`open_clip_visual_to_hf_clip`].
+    - open_clip keys (absent from the released file, which only holds trainable weights; present in a full v1
+      `Flamingo.state_dict()`, where `vision_encoder` is the whole open_clip CLIP model): `vision_encoder.visual.*`
+      go through [`open_clip_visual_to_hf_clip`]; the open_clip text tower, `text_projection` and `logit_scale`
+      (other `vision_encoder.*` keys) are dropped. v2's bare `vision_encoder.*` visual keys convert as well.
     """
     return _rename_openflamingo(state_dict, layers_path="model.layers", what="OpenFlamingo v1")
 
@@ -251,8 +254,16 @@ def _rename_openflamingo(
     report = ConversionReport()
 
     open_clip_keys = {k: v for k, v in state_dict.items() if _is_open_clip_vision_key(k)}
+    visual_prefix = "vision_encoder."  # v2 keeps open_clip's `.visual` as `vision_encoder`
+    if any(key.startswith(_OPEN_CLIP_V1_VISUAL) for key in open_clip_keys):
+        # v1 keeps the whole open_clip CLIP model as `vision_encoder`: the tower is under `visual.`, and the rest
+        # (text tower, text_projection, logit_scale), which Flamingo never runs, is dropped.
+        visual_prefix = _OPEN_CLIP_V1_VISUAL
+        report.dropped.extend(key for key in open_clip_keys if not key.startswith(visual_prefix))
     vision, vision_report = open_clip_visual_to_hf_clip(
-        open_clip_keys, "vision_encoder.", "vision_encoder.vision_model."
+        {k: v for k, v in open_clip_keys.items() if k.startswith(visual_prefix)},
+        visual_prefix,
+        "vision_encoder.vision_model.",
     )
     report.update(vision_report)
 

@@ -513,6 +513,26 @@ def test_round_trip_openflamingo_v1_checkpoint(base_dirs, tmp_path):
     assert_round_trip(source, {**base_weights(lm_dir, clip_dir), **converted})
 
 
+def test_round_trip_openflamingo_v1_full_state_dict_with_open_clip_clip(base_dirs):
+    """A full OpenFlamingo v1 `Flamingo.state_dict()` keeps the whole open_clip CLIP model as `vision_encoder`: the
+    tower sits under `vision_encoder.visual.`, beside the unused text tower, whose `transformer.resblocks.*` names
+    are those of v2's visual keys. The text tower is dropped, never taken for the vision tower."""
+    source = base_dirs[0]
+    v1 = to_open_clip(to_openflamingo(state_dict_of(source), inv_freq=True), prefix_out="vision_encoder.visual.")
+    text_tower = {
+        "vision_encoder.token_embedding.weight": torch.randn(8, 4),
+        "vision_encoder.positional_embedding": torch.randn(4, 4),
+        "vision_encoder.transformer.resblocks.0.attn.in_proj_weight": torch.randn(12, 4),
+        "vision_encoder.transformer.resblocks.0.mlp.c_fc.weight": torch.randn(16, 4),
+        "vision_encoder.ln_final.weight": torch.ones(4),
+        "vision_encoder.text_projection": torch.randn(4, 4),
+        "vision_encoder.logit_scale": torch.ones(()),
+    }
+    converted, report = rename_openflamingo_v1({**v1, **text_tower})
+    assert set(text_tower) | {"vision_encoder.visual.proj"} <= set(report.dropped)
+    assert_round_trip(source, converted)
+
+
 def test_round_trip_openflamingo_v2_state_dict_with_open_clip_vision(base_dirs):
     """OpenFlamingo v2 `Flamingo.state_dict()`: open_clip visual keys (made from a real HF CLIP's tensors),
     `old_decoder_blocks` and `gated_cross_attn_layers` aliases, perceiver `.0`/`.1`."""
