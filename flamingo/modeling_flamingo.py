@@ -334,6 +334,21 @@ class FlamingoPreTrainedModel(PreTrainedModel):
             init.zeros_(module.attn_gate)
             init.zeros_(module.ff_gate)
 
+    def _adjust_missing_and_unexpected_keys(self, loading_info):
+        # transformers drops the ignorable keys silently: say at debug level what was dropped, and warn about frame
+        # embeddings a checkpoint lacks (converted before June 2023) since _init_weights has just zeroed them.
+        unexpected = set(loading_info.unexpected_keys)
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        dropped = sorted(unexpected - set(loading_info.unexpected_keys))
+        if dropped:
+            logger.debug(f"ignored {len(dropped)} checkpoint keys (legacy buffers / aliases): {', '.join(dropped)}")
+        missing_frames = [key for key in loading_info.missing_keys if key.endswith("perceiver.frame_embs")]
+        if missing_frames:
+            logger.warning(
+                f"{missing_frames[0]} is not in the checkpoint but config.max_num_frames={self.config.max_num_frames}: "
+                "the frame embeddings are initialised to zeros (no frame information), not random"
+            )
+
     def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
         if enable and getattr(kwargs.get("gradient_checkpointing_func"), "keywords", {}).get("use_reentrant"):
             raise ValueError(
@@ -376,6 +391,11 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         model.apply_trainable_flags()
         # Published checkpoints ship the LLaMA generation config, which knows nothing of <|endofchunk|>.
         model.stop_generation_at_end_of_chunk()
+        if getattr(model.config, "lora_config", None):
+            logger.warning(
+                f"config.lora_config={model.config.lora_config} is kept but not applied: no LoRA adapters are built, "
+                "so only merged weights load. Merge adapters first (peft merge_and_unload) or add them with peft."
+            )
         return loaded
 
     def stop_generation_at_end_of_chunk(self):
