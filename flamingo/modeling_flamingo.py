@@ -372,7 +372,10 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         super().__init__(config)
         self.vision_encoder = FlamingoVisionEncoder(config.vision_config)
         self.perceiver = PerceiverResampler(config)
-        self.lang_encoder = AutoModelForCausalLM.from_config(config.text_config)
+        # One dtype for the whole model (the one it is being built in): published 2024 configs carry
+        # text_config.torch_dtype="float16" under a float32 top level, which from_config would otherwise honour for
+        # the LM alone and leave the cross-attention blocks in another dtype.
+        self.lang_encoder = AutoModelForCausalLM.from_config(config.text_config, dtype=torch.get_default_dtype())
         self._wrap_decoder_layers()
         self.post_init()
         self.apply_trainable_flags()
