@@ -128,7 +128,8 @@ def load_checkpoint(path: str | os.PathLike) -> StateDict:
 
     Raises:
         FileNotFoundError: nothing at `path`.
-        ValueError: an unknown extension, an unsafe pickle, or a file that holds no state dict.
+        ValueError: an unknown extension, an unsafe pickle, a truncated or corrupted file, or a file that holds no
+            state dict.
     """
     path = Path(path)
     if path.is_dir():
@@ -137,9 +138,14 @@ def load_checkpoint(path: str | os.PathLike) -> StateDict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_EXTENSIONS:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return unwrap_training_checkpoint(load_file(str(path), device="cpu"))
+        try:
+            tensors = load_file(str(path), device="cpu")
+        except SafetensorError as error:
+            raise ValueError(f"cannot read {path}: {_damaged(error)}") from None
+        return unwrap_training_checkpoint(tensors)
     if suffix not in TORCH_EXTENSIONS:
         raise ValueError(
             f"cannot read {path}: unknown extension {path.suffix!r}; expected one of "
@@ -156,10 +162,17 @@ def load_checkpoint(path: str | os.PathLike) -> StateDict:
             "`torch.save({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}, 'clean.pt')`, or "
             "convert it to safetensors with `safetensors.torch.save_file(state_dict, 'model.safetensors')`."
         ) from None
+    except (RuntimeError, EOFError) as error:  # a truncated zip archive / legacy pickle
+        raise ValueError(f"cannot read {path}: {_damaged(error)}") from None
     try:
         return unwrap_training_checkpoint(obj)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
+
+
+def _damaged(error: Exception) -> str:
+    said = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"the file is truncated or corrupted ({said}); download or copy it again"
 
 
 def load_pretrained_weights(directory: str | os.PathLike) -> StateDict:

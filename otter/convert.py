@@ -136,20 +136,23 @@ def convert(args: argparse.Namespace) -> Path:
     sources: dict[str, str] = {}
     state_dict: dict[str, torch.Tensor] = {}
     if args.base_lm is not None:
-        lm, report = hf_lm_to_flamingo(load_checkpoint(args.base_lm))
+        lm, report = _read("--base-lm", args.base_lm, lambda path: hf_lm_to_flamingo(load_checkpoint(path)))
         logger.info(f"base LM {args.base_lm}: {len(lm)} tensors (dropped {len(report.dropped)})")
         state_dict.update(lm)
         del lm  # one reference per tensor: the dtype cast below then never holds two copies
         sources["base LM"] = str(args.base_lm)
     if args.vision is not None:
-        vision = read_vision(args.vision)
+        vision = _read("--vision", args.vision, read_vision)
         logger.info(f"vision tower {args.vision}: {len(vision)} tensors")
         state_dict.update(vision)
         del vision
         sources["vision tower"] = str(args.vision)
     checkpoint_report = None
     if args.checkpoint is not None:
-        converted, checkpoint_report = rename_openflamingo_v2(load_checkpoint(args.checkpoint))
+        converted, checkpoint_report = _read(
+            "--checkpoint", args.checkpoint, lambda path: rename_openflamingo_v2(load_checkpoint(path))
+        )
+        checkpoint_keys = set(converted)
         logger.info(
             f"checkpoint {args.checkpoint}: {len(converted)} tensors, {len(checkpoint_report.renamed)} renamed, "
             f"{len(checkpoint_report.dropped)} dropped (aliases, legacy buffers, unused projections)"
@@ -173,6 +176,12 @@ def convert(args: argparse.Namespace) -> Path:
 
         model.generation_config = GenerationConfig.from_pretrained(str(args.base_lm))
     del state_dict
+    if args.checkpoint is not None and checkpoint_keys <= set(unexpected):
+        raise ConvertError(
+            f"--checkpoint {args.checkpoint}: none of its {len(checkpoint_keys)} tensors belongs to this model "
+            f"({_names(sorted(checkpoint_keys), 3)}); it is not an OpenFlamingo/Otter checkpoint, which holds "
+            "perceiver.*, lang_encoder.*.gated_cross_attn_layer.* and lang_encoder.model.embed_tokens.weight"
+        )
     if unexpected:
         logger.warning(
             f"{len(unexpected)} tensors have no place in the model and are not written: {_names(unexpected)}"
@@ -443,6 +452,14 @@ def _check_output(output: Path, overwrite: bool):
         raise ConvertError(f"--output {output} exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ConvertError(f"--output {output} is not empty (pass --overwrite to replace it)")
+
+
+def _read(option: str, path: Path, read):
+    """`read(path)`, with errors about the input named by the option that gave it."""
+    try:
+        return read(path)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConvertError(f"{option}: {error}") from None
 
 
 def _names(names: Sequence[str], limit: int = 8) -> str:
