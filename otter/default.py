@@ -1,0 +1,60 @@
+"""The embedded default model, `otter-tiny-shapes`: a tiny Otter trained by this project's own pipeline
+(`scripts/build_default_model.py`) on the synthetic shapes dataset, shipped inside the package so that the
+`otter` command, the notebook and `make run` work offline with no download.
+
+    model, processor = otter.load_default()
+    model = AutoModelForImageTextToText.from_pretrained(otter.default_model_path())
+
+It answers the shapes questions (the colour or the shape of a shape, how many shapes there are, which way a shape
+moves in a video, with or without in-context examples); its model card (`README.md` in the model directory) says
+how it was made and how well it scores on held-out questions. It knows nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_MODEL_NAME = "otter-tiny-shapes"
+_DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+# What a usable model directory holds (the tokenizer's files vary by kind, so only its config is checked).
+_REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer_config.json")
+
+
+def default_model_path() -> Path:
+    """The directory of the embedded default model (package data: `otter/default_model/`). Raises
+    `FileNotFoundError` when the installation lacks it (rebuild it with `python scripts/build_default_model.py`)."""
+    missing = [name for name in _REQUIRED_FILES if not (_DEFAULT_MODEL_DIR / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the embedded default model is missing from this installation ({_DEFAULT_MODEL_DIR}: no "
+            f"{', '.join(missing)}); rebuild it with `python scripts/build_default_model.py` or pass a model path"
+        )
+    return _DEFAULT_MODEL_DIR
+
+
+def load_pretrained(path: str | Path, device: str | None = None, dtype=None):
+    """(model, processor) from an HF model directory or Hub id, through the Auto classes; the model is in eval
+    mode, on `device` (default: CPU)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import flamingo  # noqa: F401  (registers the Flamingo classes with the Auto factories)
+
+    processor = AutoProcessor.from_pretrained(str(path))
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
+    if device is not None:
+        model = model.to(device)
+    logger.info(f"loaded {type(model).__name__} from {path} ({sum(p.numel() for p in model.parameters()):,} params)")
+    return model.eval(), processor
+
+
+def load_default(device: str | None = None, dtype=None):
+    """The embedded default model and its processor: `(OtterForConditionalGeneration, OtterProcessor)`, the model
+    in eval mode on `device` (default: CPU)."""
+    return load_pretrained(default_model_path(), device=device, dtype=dtype)
+
+
+__all__ = ["DEFAULT_MODEL_NAME", "default_model_path", "load_default", "load_pretrained"]
