@@ -6,6 +6,7 @@ saved checkpoints load through the Auto classes without `trust_remote_code`."""
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_otter import OtterConfig
+from .default import default_model_path, load_default
 from .modeling_otter import OtterForConditionalGeneration, OtterModel, OtterPreTrainedModel
 from .processing_otter import OtterProcessor
 
@@ -14,4 +15,12 @@ AutoConfig.register(OtterConfig.model_type, OtterConfig, exist_ok=True)
 AutoModelForImageTextToText.register(OtterConfig, OtterForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(OtterConfig, OtterProcessor, exist_ok=True)
 
-__all__ = ["OtterConfig", "OtterForConditionalGeneration", "OtterModel", "OtterPreTrainedModel", "OtterProcessor"]
+__all__ = [
+    "OtterConfig",
+    "OtterForConditionalGeneration",
+    "OtterModel",
+    "OtterPreTrainedModel",
+    "OtterProcessor",
+    "default_model_path",
+    "load_default",
+]
