@@ -116,10 +116,12 @@ def load_model(model_path: str | None, device: str | None):
 
 
 def default_model_path() -> str:
-    loader = getattr(importlib.import_module("otter"), "default_model_path", None)
-    if loader is None:
-        raise UsageError("no embedded default model in this installation: pass --model DIR_OR_HUB_ID")
-    return str(loader())
+    from otter.default import default_model_path as embedded_model_path
+
+    try:
+        return str(embedded_model_path())
+    except FileNotFoundError as error:
+        raise UsageError(f"{error}, or pass --model DIR_OR_HUB_ID") from error
 
 
 # ----- commands ----------------------------------------------------------------------------------------------------
