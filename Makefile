@@ -26,5 +26,7 @@ test: install-dev
 lint: install-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
+# The embedded default model (otter/default_model, trained on the synthetic shapes) answers about bundled images.
 run: install-run
-	$(PY) scripts/run_small_model.py
+	$(VENV)/bin/otter generate --image examples/images/red_circle.png --prompt "What colour is the shape?"
+	$(VENV)/bin/otter generate --image examples/images/blue_square.png --prompt "What shape is it?"

@@ -658,6 +658,7 @@ def _train(args, accelerator: Accelerator, on_step) -> TrainResult:
     model.train()
     window_loss = torch.zeros((), device=accelerator.device)
     window_micro = 0
+    logged_losses: list[float] = []  # per-step losses since the last line of metrics.jsonl
     window_tokens = 0
     window_skipped = 0
     window_start = time.perf_counter()
@@ -718,7 +719,12 @@ def _train(args, accelerator: Accelerator, on_step) -> TrainResult:
             progress.set_postfix(
                 loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}"
             )
+            logged_losses.append(metrics["loss"])
             if state.global_step % args.logging_steps == 0 or state.global_step == total_steps:
+                # A single step's loss depends on which dataset its batch came from; the mean since the last logged
+                # line is what a loss curve should show.
+                metrics = {**metrics, "loss_mean": sum(logged_losses) / len(logged_losses)}
+                logged_losses.clear()
                 if args.report_to != "none":
                     accelerator.log(
                         {k: v for k, v in metrics.items() if v is not None and k != "step"}, step=state.global_step

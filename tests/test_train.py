@@ -93,6 +93,17 @@ def test_loss_decreases(trained):
     logged = [json.loads(line) for line in (trained.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in logged] == list(range(1, STEPS + 1))
     assert all(entry["tokens_per_s"] > 0 and entry["lr"] == pytest.approx(2e-3) for entry in logged)
+    assert all(entry["loss_mean"] == entry["loss"] for entry in logged)  # one step per line
+
+
+def test_logged_lines_carry_the_mean_loss_since_the_last_line(model_dir, shapes, tmp_path):
+    result = train(parse_args(argv(model_dir, shapes, tmp_path, "--max-steps", "5", "--logging-steps", "3")))
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    per_step = losses(result.history)
+    assert [entry["step"] for entry in logged] == [3, 5]
+    assert logged[0]["loss_mean"] == pytest.approx(sum(per_step[:3]) / 3)
+    assert logged[1]["loss_mean"] == pytest.approx(sum(per_step[3:]) / 2)
+    assert logged[1]["loss"] == per_step[4]
 
 
 def test_frozen_parameters_unchanged_and_trained_ones_saved(trained, model_dir):
