@@ -17,6 +17,8 @@ from pathlib import Path
 
 USAGE_ERROR = 2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Containers that need a video decoder, which the package does not depend on: their frames are given with --frames.
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
 
 # Subcommands whose parser and work live in their own module, as `main(argv) -> int`.
 DELEGATED = {
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="answer a question about images, a video or frames")
     media = generate.add_mutually_exclusive_group()
     media.add_argument("--image", nargs="+", action="extend", default=[], type=Path, help="image file(s)")
+    media.add_argument("--video", type=Path, help="a video as an animated GIF, WebP or PNG")
     media.add_argument("--frames", type=Path, help="a directory of video frames (sorted by name)")
     generate.add_argument("--prompt", required=True, help="the question")
     generate.add_argument(
@@ -93,6 +96,24 @@ def load_frames(directory: Path) -> list:
     return [load_image(p) for p in files]
 
 
+def load_video(path: Path) -> list:
+    """The frames of an animated GIF / WebP / PNG (a still image is a one-frame video)."""
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    if not path.is_file():
+        raise UsageError(f"video not found: {path}")
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        raise UsageError(
+            f"cannot decode {path.suffix} video files (no video decoder is installed): extract the frames "
+            f"(e.g. `ffmpeg -i {path.name} frames/%04d.png`) and pass --frames DIR, or pass an animated GIF"
+        )
+    try:
+        with Image.open(path) as clip:
+            return [frame.convert("RGB") for frame in ImageSequence.Iterator(clip)]
+    except (UnidentifiedImageError, OSError) as error:
+        raise UsageError(f"not a readable video (animated GIF, WebP or PNG): {path} ({error})") from error
+
+
 def load_model(model_path: str | None, device: str | None):
     """The model and its processor, from a directory, a Hub id, or the embedded default model."""
     import torch
@@ -132,17 +153,25 @@ def run_generate(args: argparse.Namespace) -> int:
     if not question:
         raise UsageError("the prompt is empty: pass a question with --prompt")
     examples = [(load_image(Path(image)), answer) for image, answer in args.in_context]
-    if args.frames is not None:
+    is_video = args.frames is not None or args.video is not None
+    if is_video:
         if examples:
-            raise UsageError("--in-context examples are images; they cannot be combined with --frames")
-        frames = load_frames(args.frames)
+            raise UsageError("--in-context examples are images; they cannot be combined with --video or --frames")
+        frames = load_frames(args.frames) if args.frames is not None else load_video(args.video)
     else:
         if not args.image:
-            raise UsageError("give the image(s) to ask about with --image PATH..., or video frames with --frames DIR")
+            raise UsageError(
+                "give the image(s) to ask about with --image PATH..., a video with --video PATH, "
+                "or video frames with --frames DIR"
+            )
         images = [load_image(path) for path in args.image]
     model, processor = load_model(args.model, args.device)
 
-    if args.frames is not None:
+    if is_video:
+        from otter.data.dataset import resample_frames
+
+        # As in training: a longer clip is resampled evenly (first and last frame kept) to the frames the model has.
+        frames = list(resample_frames(tuple(frames), model.config.max_num_frames))
         prompt = processor.build_video_prompt(question)
         inputs = processor(text=prompt, videos=[frames], return_tensors="pt")
     else:

@@ -75,6 +75,8 @@ def test_generate_on_frames(model_dir, tmp_path, capsys):
         (["--image", str(RED_CIRCLE), "--prompt", "   "], "the prompt is empty"),
         (["--image", str(RED_CIRCLE), "--prompt", "q", "--model", "/no/such/model"], "model not found: /no/such/model"),
         (["--image", str(REPO_ROOT / "pyproject.toml"), "--prompt", "q"], "not a readable image"),
+        (["--video", "missing.gif", "--prompt", "q"], "video not found: missing.gif"),
+        (["--video", str(REPO_ROOT / "pyproject.toml"), "--prompt", "q"], "not a readable video"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(args, message, capsys, tmp_path):

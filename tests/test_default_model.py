@@ -194,6 +194,27 @@ def test_cli_answers_about_the_bundled_examples(capsys):
     assert answer == "circle"
 
 
+def test_cli_answers_about_an_animated_gif(tmp_path, capsys):
+    """`--video` takes an animated GIF; a clip longer than the model's 4 frames is resampled evenly, as in training."""
+    from PIL import Image
+
+    frames = [Image.open(path).convert("RGB") for path in sorted(FRAMES.glob("*.png"))]
+    # 7 frames: each bundled frame, with the midpoints between neighbours; resampling keeps frames 0, 2, 4 and 6.
+    clip = [frames[0]]
+    for before, after in zip(frames, frames[1:], strict=False):
+        clip += [Image.blend(before, after, 0.5), after]
+    gif = tmp_path / "clip.gif"
+    clip[0].save(gif, save_all=True, append_images=clip[1:], duration=100, loop=0)
+    assert len(clip) == 7
+    for question, expected in (("What colour is the moving shape?", "purple"), ("Which way does it move?", "right")):
+        assert generate(capsys, "--video", gif, "--prompt", question) == expected
+    mp4 = tmp_path / "clip.mp4"
+    mp4.write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    assert cli_main(["generate", "--video", str(mp4), "--prompt", "Which way does it move?"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--frames DIR" in error[0], error
+
+
 def test_cli_streams_the_same_answer(capsys):
     image = EXAMPLES / "images" / "red_circle.png"
     assert generate(capsys, "--image", image, "--prompt", "What colour is the shape?", "--stream") == "red"
