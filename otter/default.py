@@ -36,6 +36,14 @@ def default_model_path() -> Path:
     return _DEFAULT_MODEL_DIR
 
 
+def model_display_name(name_or_path: str | Path) -> str:
+    """A short name for a model path: `otter-tiny-shapes` for the embedded model, else the last path component."""
+    path = Path(str(name_or_path))
+    if str(name_or_path) and path.resolve() == _DEFAULT_MODEL_DIR:
+        return DEFAULT_MODEL_NAME
+    return path.name
+
+
 def load_pretrained(path: str | Path, device: str | None = None, dtype=None):
     """(model, processor) from an HF model directory or Hub id, through the Auto classes; the model is in eval
     mode, on `device` (default: CPU)."""
@@ -57,4 +65,4 @@ def load_default(device: str | None = None, dtype=None):
     return load_pretrained(default_model_path(), device=device, dtype=dtype)
 
 
-__all__ = ["DEFAULT_MODEL_NAME", "default_model_path", "load_default", "load_pretrained"]
+__all__ = ["DEFAULT_MODEL_NAME", "default_model_path", "load_default", "load_pretrained", "model_display_name"]

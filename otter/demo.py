@@ -33,6 +33,8 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from otter.default import model_display_name
+
 logger = logging.get_logger(__name__)
 
 IMAGE_HINT = "PNG, JPEG, GIF, BMP, WebP or TIFF"
@@ -252,7 +254,7 @@ def build_demo(model, processor, max_new_tokens: int = 64, max_upload_mb: float 
     gr = import_gradio()
     max_frames = getattr(model.config, "max_num_frames", None) or DEFAULT_MAX_FRAMES
     size_hint = f", {max_upload_mb:g} MB each" if max_upload_mb else ""
-    model_name = Path(str(getattr(model.config, "_name_or_path", "") or "")).name or type(model).__name__
+    model_name = model_display_name(getattr(model.config, "_name_or_path", "") or "") or type(model).__name__
 
     def read_media(image_files, video_files) -> tuple[list, list]:
         images = [open_image(path) for path in _paths(image_files)]

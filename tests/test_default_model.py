@@ -100,6 +100,14 @@ def test_model_card_states_the_accuracy():
         assert needle in card
 
 
+def test_model_display_name():
+    from otter.default import model_display_name
+
+    assert model_display_name(otter.default_model_path()) == "otter-tiny-shapes"
+    assert model_display_name("/models/OTTER-Image-LLaMA7B-LA-InContext/") == "OTTER-Image-LLaMA7B-LA-InContext"
+    assert model_display_name("") == ""
+
+
 def test_default_model_path_missing(monkeypatch, tmp_path):
     monkeypatch.setattr("otter.default._DEFAULT_MODEL_DIR", tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="build_default_model.py"):
