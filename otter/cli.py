@@ -28,6 +28,8 @@ DELEGATED = {
     "eval": ("otter.evaluate", "score a model on a MIMIC-IT style question set"),
     "demo": ("otter.demo", "the gradio web demo (needs the `demo` extra)"),
 }
+# Delegated commands that print one-line errors unless given --debug (`otter train` always shows tracebacks).
+DEBUG_FLAG_COMMANDS = {"convert", "estimate", "eval", "demo"}
 
 
 class UsageError(Exception):
@@ -241,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 module = importlib.import_module(module_name)
             except ModuleNotFoundError as error:
                 raise UsageError(f"`otter {args.command}` is not available: {error}") from error
+            if debug and args.command in DEBUG_FLAG_COMMANDS and "--debug" not in rest:
+                rest.append("--debug")  # `otter --debug eval ...` means `otter eval --debug ...`
             return int(module.main(rest) or 0)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--revision", help="Hub branch to push to (created if needed)")
     parser.add_argument("--token", help="Hub token (default: the saved login / HF_TOKEN)")
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -115,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.push_to_hub:
             push(output, args)
     except (ConvertError, ValueError, FileNotFoundError) as error:
+        if args.debug:
+            raise
         print(f"otter convert: error: {error}", file=sys.stderr)
         return USAGE_ERROR
     finally:

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -432,12 +433,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--headroom", type=float, default=0.1, help="fraction of each device kept free (default 0.1)")
     parser.add_argument("--cpu", default=None, help="CPU RAM for offload, e.g. 64GB (the rest goes to disk)")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     try:
         result = estimate(args.config, dtype=args.dtype, quantization=args.quantization)
         plan = result.fits(args.devices, headroom=args.headroom, cpu=args.cpu) if args.devices else None
     except (ValueError, FileNotFoundError, TypeError) as error:
-        parser.error(str(error))
+        if args.debug:
+            raise
+        print(f"otter estimate: error: {error}", file=sys.stderr)
+        return 2
     if args.json:
         payload = {
             "model": result.model_name,

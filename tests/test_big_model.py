@@ -465,5 +465,5 @@ def test_estimate_command_prints_the_table_and_the_plan(capsys, tmp_path):
     assert main([*argv, "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["fits"] is True and payload["total_params"] == sum(p["params"] for p in payload["parts"].values())
-    with pytest.raises(SystemExit):
-        main(["--config", os.fspath(tmp_path / "missing.json")])
+    assert main(["--config", os.fspath(tmp_path / "missing.json")]) == 2
+    assert capsys.readouterr().err.startswith("otter estimate: error: config: no such file")

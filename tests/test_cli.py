@@ -102,6 +102,26 @@ def test_debug_shows_the_traceback():
         main(["--debug", "generate", "--image", "missing.png", "--prompt", "q"])
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["convert", "--checkpoint", "missing.pt", "--config", "configs/otter-tiny.json", "--output", "out"],
+        ["estimate", "--config", "missing.json"],
+        ["eval", "--model", "/no/such/model"],
+    ],
+    ids=["convert", "estimate", "eval"],
+)
+def test_debug_reaches_delegated_commands(command, tmp_path, monkeypatch, capsys):
+    """Without --debug a delegated command prints one line and exits 2; `otter --debug CMD` raises instead."""
+    monkeypatch.chdir(tmp_path)
+    command = [str(REPO_ROOT / arg) if arg.startswith("configs/") else arg for arg in command]
+    assert main(command) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    with pytest.raises((Exception, SystemExit)) as raised:
+        main(["--debug", *command])
+    assert not isinstance(raised.value, SystemExit), "--debug should show the traceback, not exit"
+
+
 def test_chat_keeps_the_history(model_dir, monkeypatch, capsys):
     answers = iter(["What colour?", "And the shape?", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
