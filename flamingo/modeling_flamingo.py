@@ -10,6 +10,7 @@ Data flows one way and nothing is stored on modules between calls:
 """
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,48 @@ def feed_forward(dim: int, mult: int) -> nn.Sequential:
     )
 
 
+@functools.cache
+def xformers_ops():
+    """`xformers.ops` when the optional `xformers` package imports, else None (looked up once per process)."""
+    try:
+        import xformers.ops as ops
+    except ImportError:
+        return None
+    return ops
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    use_xformers: bool | None = None,
+) -> torch.Tensor:
+    """Attention of the perceiver and the cross-attention. q: (N, heads, Lq, dh); k, v: (N, heads, Lk, dh);
+    attn_mask: boolean, broadcastable to (N, heads, Lq, Lk), True = may attend. Returns (N, heads, Lq, dh).
+
+    PyTorch's SDPA, or xformers' memory-efficient kernel when xformers is installed and the tensors are on CUDA
+    (`use_xformers=None`); True/False forces the choice."""
+    ops = xformers_ops() if use_xformers is not False else None
+    if use_xformers is None:
+        use_xformers = q.is_cuda and ops is not None
+    if not use_xformers:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if ops is None:
+        raise ImportError("use_xformers=True needs the `xformers` package (pip install 'otter-flamingo[xformers]')")
+    bias = None
+    if attn_mask is not None:
+        # xformers wants an additive bias whose rows start at 16-byte-aligned addresses: allocate the key axis
+        # padded to a multiple of 8 and use a view of it.
+        n, heads, length_q, length_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        padded = -(-length_k // 8) * 8
+        bias = q.new_zeros(n, heads, length_q, padded)[..., :length_k]
+        bias.masked_fill_(~attn_mask, float("-inf"))
+    # xformers' layout is (N, L, heads, dh)
+    out = ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+    return out.transpose(1, 2)
+
+
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(N, L, heads * dim_head) -> (N, heads, L, dim_head)"""
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
@@ -111,7 +154,7 @@ class PerceiverBlock(nn.Module):
         normed_latents = self.norm_latents(latents)
         q = split_heads(self.to_q(normed_latents), self.heads)
         k, v = self.to_kv(torch.cat([normed_media, normed_latents], dim=1)).chunk(2, dim=-1)
-        attended = F.scaled_dot_product_attention(q, split_heads(k, self.heads), split_heads(v, self.heads))
+        attended = attend(q, split_heads(k, self.heads), split_heads(v, self.heads))
         latents = latents + self.to_out(merge_heads(attended))
         return latents + self.feed_forward(latents)
 
@@ -184,7 +227,7 @@ class MaskedCrossAttention(nn.Module):
         # A row with nothing to attend to would make the softmax NaN: let it attend anywhere, then zero it.
         attn_mask = allowed | ~sees_media[:, None, :, None]
         q = split_heads(self.to_q(self.norm(hidden_states)), self.heads)
-        attended = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask)
+        attended = attend(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask)
         attended = merge_heads(attended) * sees_media[..., None].to(q.dtype)
         return self.to_out(attended)
 

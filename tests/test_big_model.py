@@ -1,6 +1,7 @@
 """Big models on small machines: device_map sharding with CPU + disk offload, bitsandbytes quantisation on CPU,
 attention backends, bf16/fp16, gradient checkpointing, and the memory planner (`otter.memory`)."""
 
+import functools
 import json
 import os
 
@@ -12,7 +13,7 @@ from torch import nn
 from transformers import BitsAndBytesConfig
 from transformers.integrations.accelerate import infer_auto_device_map
 
-from flamingo import FlamingoForConditionalGeneration
+from flamingo import FlamingoForConditionalGeneration, modeling_flamingo
 from flamingo.modeling_flamingo import FlamingoLayer, MediaCache
 from otter import OtterConfig, OtterForConditionalGeneration
 from otter.memory import estimate, load_config, main, parse_devices
@@ -235,6 +236,71 @@ def test_bitsandbytes_on_cpu_quantises_only_the_lm_body(
 
 
 # ----- attention backends -------------------------------------------------------------------------------------------
+
+
+def fake_xformers(monkeypatch, calls: list):
+    """An `xformers.ops.memory_efficient_attention` written from xformers' documented contract ((N, L, heads, dh)
+    tensors, an additive bias of (N, heads, Lq, Lk) whose rows are 16-byte aligned), recording its calls."""
+    import sys
+    import types
+
+    def memory_efficient_attention(query, key, value, attn_bias=None):
+        calls.append(query.device.type)
+        if attn_bias is not None:
+            assert attn_bias.shape == (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
+            assert attn_bias.stride(-2) % 8 == 0, "xformers needs 16-byte aligned bias rows"
+        scores = torch.einsum("nqhd,nkhd->nhqk", query, key) * query.shape[-1] ** -0.5
+        if attn_bias is not None:
+            scores = scores + attn_bias
+        return torch.einsum("nhqk,nkhd->nqhd", scores.softmax(-1), value)
+
+    package, ops = types.ModuleType("xformers"), types.ModuleType("xformers.ops")
+    ops.memory_efficient_attention = memory_efficient_attention
+    package.ops = ops
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    modeling_flamingo.xformers_ops.cache_clear()
+    monkeypatch.setattr(modeling_flamingo, "xformers_ops", functools.cache(modeling_flamingo.xformers_ops.__wrapped__))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["perceiver", "cross-attention"])
+def test_xformers_path_matches_sdpa(monkeypatch, masked):
+    calls = []
+    fake_xformers(monkeypatch, calls)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, length, 16, generator=generator) for length in (5, 13, 13))
+    # Text tokens that see one of two images' latents (13 keys: 6 and 7), and a row allowed everywhere.
+    mask = torch.zeros(2, 1, 5, 13, dtype=torch.bool)
+    mask[..., :3, :6] = True
+    mask[..., 3, 6:] = True
+    mask[..., 4, :] = True
+    attn_mask = mask if masked else None
+    expected = modeling_flamingo.attend(q, k, v, attn_mask, use_xformers=False)
+    got = modeling_flamingo.attend(q, k, v, attn_mask, use_xformers=True)
+    assert calls == ["cpu"]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_xformers_is_used_only_on_cuda(monkeypatch, checkpoint, inputs, reference):
+    """Installed but on the CPU: the model keeps to SDPA (xformers' CPU kernels are slow or missing)."""
+    calls = []
+    fake_xformers(monkeypatch, calls)
+    _, model = checkpoint
+    ids, mask, images = inputs
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, vision_x=images).logits
+    assert calls == []
+    torch.testing.assert_close(logits, reference[0])
+
+
+def test_forcing_xformers_without_it_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "xformers", None)  # makes `import xformers` fail
+    monkeypatch.setattr(modeling_flamingo, "xformers_ops", functools.cache(modeling_flamingo.xformers_ops.__wrapped__))
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ImportError, match=r"otter-flamingo\[xformers\]"):
+        modeling_flamingo.attend(q, q, q, use_xformers=True)
 
 
 def test_attn_implementation_reaches_the_lm_and_clip(checkpoint, inputs):

@@ -125,3 +125,21 @@ def test_flash_attention_2_agrees_with_sdpa(checkpoint, inputs):
         results[implementation] = run(model.to("cuda").eval(), inputs, "cuda")[0]
     mask = inputs[1].bool()
     torch.testing.assert_close(results["flash_attention_2"][mask], results["sdpa"][mask], atol=3e-2, rtol=3e-2)
+
+
+def test_xformers_agrees_with_sdpa_on_cuda(checkpoint, inputs, monkeypatch):
+    pytest.importorskip("xformers.ops")
+    from flamingo import modeling_flamingo
+
+    path, reference_logits, _ = checkpoint
+    model = OtterForConditionalGeneration.from_pretrained(path).to("cuda").eval()
+    calls = []
+    real = modeling_flamingo.xformers_ops().memory_efficient_attention
+    monkeypatch.setattr(
+        modeling_flamingo.xformers_ops(),
+        "memory_efficient_attention",
+        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs),
+    )
+    logits, _ = run(model, inputs, "cuda")
+    assert calls, "xformers was not used on CUDA"
+    torch.testing.assert_close(logits, reference_logits, atol=1e-4, rtol=1e-4)
