@@ -358,7 +358,10 @@ def test_fp16_keeps_vision_perceiver_and_gates_in_fp32(checkpoint, inputs, refer
 # ----- gradient checkpointing ---------------------------------------------------------------------------------------
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(inputs):
+@pytest.mark.parametrize("enable", ["activation_checkpointing_enable", "gradient_checkpointing_enable"])
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(inputs, enable):
+    """transformers 5.x's name and its deprecated alias (the one the issue and most scripts use) both work."""
     ids, mask, images = inputs
     labels = ids.masked_fill(mask == 0, -100)
     results = []
@@ -366,7 +369,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(inputs):
         model = tiny_model("otter", seed=2, freeze_lang_encoder=False, freeze_vision_encoder=False).train()
         assert model.config.text_config.attention_dropout == 0 and model.config.vision_config.attention_dropout == 0
         if checkpointing:
-            model.gradient_checkpointing_enable()  # transformers' default: non-reentrant
+            getattr(model, enable)()  # transformers' default: non-reentrant
             assert all(layer.gradient_checkpointing for layer in model.decoder_layers())
         loss = model(input_ids=ids, attention_mask=mask, vision_x=images, labels=labels).loss
         loss.backward()
@@ -383,7 +386,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(inputs):
 def test_reentrant_gradient_checkpointing_is_refused():
     model = tiny_model("otter").train()
     with pytest.raises(ValueError, match="use_reentrant"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     assert not any(layer.gradient_checkpointing for layer in model.decoder_layers())
 
 
