@@ -6,7 +6,7 @@ saved checkpoints load through the Auto classes without `trust_remote_code`."""
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_otter import OtterConfig
-from .default import default_model_path, load_default
+from .default import default_model_path, load_default, load_processor
 from .modeling_otter import OtterForConditionalGeneration, OtterModel, OtterPreTrainedModel
 from .processing_otter import OtterProcessor
 
@@ -23,4 +23,5 @@ __all__ = [
     "OtterProcessor",
     "default_model_path",
     "load_default",
+    "load_processor",
 ]

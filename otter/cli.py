@@ -119,18 +119,19 @@ def load_video(path: Path) -> list:
 def load_model(model_path: str | None, device: str | None):
     """The model and its processor, from a directory, a Hub id, or the embedded default model."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     import flamingo  # noqa: F401  (registers the Flamingo classes with the Auto factories)
     import otter  # noqa: F401
+    from otter.default import load_processor
 
     if model_path is None:
         model_path = default_model_path()
     elif not Path(model_path).exists() and (model_path.count("/") != 1 or os.environ.get("HF_HUB_OFFLINE") == "1"):
         raise UsageError(f"model not found: {model_path} (expected an HF model directory or a Hub id)")
     try:
-        processor = AutoProcessor.from_pretrained(model_path)
         model = AutoModelForImageTextToText.from_pretrained(model_path)
+        processor = load_processor(model_path, model.config)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"cannot load model from {model_path}: {first_line}") from error

@@ -44,15 +44,47 @@ def model_display_name(name_or_path: str | Path) -> str:
     return path.name
 
 
+def load_processor(path: str | Path, config=None):
+    """The processor of an HF model directory or Hub id. Directories this library writes carry one
+    (`processor_config.json`). The published 2023 releases ship only a tokenizer: for them an `OtterProcessor` /
+    `FlamingoProcessor` is built from that tokenizer and a CLIP image processor at the vision tower's image size
+    (OpenAI CLIP mean/std, as Otter's own inference code uses). Raises `ValueError` when the tokenizer's special
+    token ids disagree with the config's, since the model would then read the wrong rows."""
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer, CLIPImageProcessorPil
+
+    from flamingo import FlamingoProcessor
+
+    from .processing_otter import OtterProcessor
+
+    config = config if config is not None else AutoConfig.from_pretrained(str(path))
+    try:
+        processor = AutoProcessor.from_pretrained(str(path))
+    except OSError as error:  # no processor or image-processor config: a tokenizer-only release
+        logger.info(f"{path} has no processor config ({str(error).splitlines()[0]}); building one from its tokenizer")
+        processor = None
+    if not isinstance(processor, FlamingoProcessor):
+        size = config.vision_config.image_size
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        processor_class = OtterProcessor if config.model_type == "otter" else FlamingoProcessor
+        processor = processor_class(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(str(path)))
+    expected = {name: getattr(config, name, None) for name in processor.special_token_ids}
+    if processor.special_token_ids != expected:
+        raise ValueError(
+            f"{path}: the tokenizer's special token ids {processor.special_token_ids} differ from the config's "
+            f"{expected}; fix the tokenizer or the config so that they agree"
+        )
+    return processor
+
+
 def load_pretrained(path: str | Path, device: str | None = None, dtype=None):
     """(model, processor) from an HF model directory or Hub id, through the Auto classes; the model is in eval
-    mode, on `device` (default: CPU)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    mode, on `device` (default: CPU). Tokenizer-only releases get a processor built for them (`load_processor`)."""
+    from transformers import AutoModelForImageTextToText
 
     import flamingo  # noqa: F401  (registers the Flamingo classes with the Auto factories)
 
-    processor = AutoProcessor.from_pretrained(str(path))
     model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
+    processor = load_processor(path, model.config)
     if device is not None:
         model = model.to(device)
     logger.info(f"loaded {type(model).__name__} from {path} ({sum(p.numel() for p in model.parameters()):,} params)")
@@ -65,4 +97,11 @@ def load_default(device: str | None = None, dtype=None):
     return load_pretrained(default_model_path(), device=device, dtype=dtype)
 
 
-__all__ = ["DEFAULT_MODEL_NAME", "default_model_path", "load_default", "load_pretrained", "model_display_name"]
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "default_model_path",
+    "load_default",
+    "load_pretrained",
+    "load_processor",
+    "model_display_name",
+]

@@ -45,6 +45,45 @@ def test_generate_prints_the_models_answer(model_dir, capsys):
     assert printed == expected_answer(model_dir, prompt, [Image.open(RED_CIRCLE).convert("RGB")], max_new_tokens=64)
 
 
+@pytest.fixture(scope="module")
+def tokenizer_only_dir(model_dir, tmp_path_factory):
+    """`model_dir` as the 2023 releases ship: config, weights and tokenizer, no processor or image-processor config."""
+    directory = tmp_path_factory.mktemp("published-style")
+    for path in model_dir.iterdir():
+        if path.name not in {"processor_config.json", "preprocessor_config.json"}:
+            (directory / path.name).write_bytes(path.read_bytes())
+    return directory
+
+
+def test_generate_on_a_tokenizer_only_release(model_dir, tokenizer_only_dir, capsys):
+    from otter.default import load_processor
+
+    processor = load_processor(tokenizer_only_dir)
+    assert isinstance(processor, OtterProcessor)
+    assert processor.image_processor.crop_size == {"height": 32, "width": 32}  # the config's vision image size
+    argv = ["--image", str(RED_CIRCLE), "--prompt", "What colour?", "--max-new-tokens", "8"]
+    assert main(["generate", "--model", str(tokenizer_only_dir), *argv]) == 0
+    built = capsys.readouterr().out
+    assert main(["generate", "--model", str(model_dir), *argv]) == 0
+    assert built == capsys.readouterr().out
+
+
+def test_tokenizer_ids_that_disagree_with_the_config_are_refused(tokenizer_only_dir, tmp_path, capsys):
+    import json
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in tokenizer_only_dir.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    config = json.loads((broken / "config.json").read_text())
+    config["media_token_id"] = config["endofchunk_token_id"]
+    (broken / "config.json").write_text(json.dumps(config))
+    assert main(["generate", "--model", str(broken), "--image", str(RED_CIRCLE), "--prompt", "q"]) == 2
+    # stderr also carries transformers' weight-loading progress bar; the error itself is one line.
+    error = [line for line in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in line]
+    assert len(error) == 1 and error[0].startswith("otter generate: error: ") and "special token ids" in error[0]
+
+
 def test_generate_with_in_context_example_and_stream(model_dir, capsys):
     from PIL import Image
 
