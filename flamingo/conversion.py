@@ -188,7 +188,8 @@ def load_pretrained_weights(directory: str | os.PathLike) -> StateDict:
         if (directory / index_name).is_file():
             shards = sorted(set(json.loads((directory / index_name).read_text())["weight_map"].values()))
             state_dict = {}
-            for shard in shards:
+            # A bar per folder (off when stderr is not a terminal, or after transformers' disable_progress_bar()).
+            for shard in logging.tqdm(shards, desc=f"reading {directory.name}", unit="shard", disable=None):
                 state_dict.update(load_checkpoint(directory / shard))
             return state_dict
         if (directory / single_name).is_file():

@@ -3,7 +3,7 @@ into a Hugging Face model folder that `FlamingoForConditionalGeneration` / `Otte
 `.from_pretrained()` loads, and optionally push it to the Hub in one commit.
 
     otter convert --checkpoint checkpoint.pt --base-lm llama-7b-hf/ --vision clip-vit-large-patch14/ \
-        --config configs/openflamingo-9b.json --to flamingo --dtype bf16 --output openflamingo-9b-hf/
+        --config configs/openflamingo-v1-9b.json --to flamingo --dtype bf16 --output openflamingo-9b-hf/
 
 Inputs are read without running code (`torch.load(weights_only=True)` or safetensors) and key layouts are
 converted by `flamingo.conversion`: OpenFlamingo v1 / v2 checkpoints, DDP training checkpoints, Otter's
@@ -17,10 +17,12 @@ import argparse
 import json
 import logging as std_logging
 import os
+import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -44,6 +46,18 @@ logger = logging.get_logger(__name__)
 USAGE_ERROR = 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+# Keys only an OpenFlamingo v1 state dict has: the cross-attention alias list (v2 checkpoints drop it, a full v2
+# state_dict() also has `old_decoder_blocks`) and the whole open_clip CLIP model as `vision_encoder`.
+V1_KEYS = ("lang_encoder.gated_cross_attn_layers.", "vision_encoder.visual.")
+V2_KEYS = ("lang_encoder.old_decoder_blocks.", "vision_encoder.conv1.")
+V1_CONFIG = "configs/openflamingo-v1-9b.json"
+# Why the converter drops a checkpoint key, in the order the rules are tried (the model card groups by these).
+DROP_REASONS = (
+    ("lang_encoder.gated_cross_attn_layers.", "alias of `lang_encoder.<layers>.{i}.gated_cross_attn_layer.*`"),
+    ("lang_encoder.old_decoder_blocks.", "alias of `lang_encoder.<layers>.{i}.decoder_layer.*`"),
+    ("rotary_emb.inv_freq", "`rotary_emb.inv_freq` buffer (recomputed by transformers)"),
+    ("vision_encoder.", "open_clip weights Flamingo never runs (text tower, projections, `logit_scale`)"),
+)
 
 
 class ConvertError(Exception):
@@ -103,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     parser.add_argument("--revision", help="Hub branch to push to (created if needed)")
     parser.add_argument("--token", help="Hub token (default: the saved login / HF_TOKEN)")
+    parser.add_argument(
+        "--license",
+        default="other",
+        help="Hub license id for the model card (default: other: the weights carry the licenses of the base LM, e.g. "
+        "LLaMA's, the vision tower and the checkpoint; set e.g. apache-2.0 or mit when they allow it)",
+    )
+    parser.add_argument(
+        "--license-name",
+        default="base-model-license",
+        help="with --license other: a short name for the license (default: base-model-license)",
+    )
+    parser.add_argument("--license-link", help="with --license other: a URL or repo path of the license text")
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -110,12 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    restore = _show_progress(std_logging.WARNING if args.quiet else std_logging.INFO)
+    restore = _show_progress(std_logging.WARNING if args.quiet else std_logging.INFO, bars=not args.quiet)
     try:
         output = convert(args)
         if args.push_to_hub:
             push(output, args)
-    except (ConvertError, ValueError, FileNotFoundError) as error:
+    except (ConvertError, ValueError, OSError) as error:  # OSError: a missing input, a full disk, ...
         if args.debug:
             raise
         print(f"otter convert: error: {error}", file=sys.stderr)
@@ -166,6 +192,15 @@ def convert(args: argparse.Namespace) -> Path:
         state_dict.update(converted)
         del converted
         sources["checkpoint"] = str(args.checkpoint)
+        if args.to == "flamingo" and config.only_attend_previous and is_openflamingo_v1(checkpoint_report):
+            logger.warning(
+                f"--checkpoint {args.checkpoint} is an OpenFlamingo v1 checkpoint, and OpenFlamingo v1 runs with "
+                "attend_previous off at inference: text attends to the image of the next <image> token, text after "
+                "the last image sees none, and each <image> token sees its own image. --config sets "
+                "only_attend_previous=true (each token attends to the latest <image> at or before it, as Otter and "
+                "OpenFlamingo v2 do), so the converted model will not reproduce OpenFlamingo v1's outputs. For v1 "
+                f'inference, convert with --config {V1_CONFIG} (or set "only_attend_previous": false).'
+            )
 
     notes: list[str] = []
     state_dict = align_vocabulary(state_dict, config, adds_answer_row, notes)
@@ -200,9 +235,18 @@ def convert(args: argparse.Namespace) -> Path:
         logger.warning(f"initialised {len(missing)} missing weights (--allow-missing): {_names(missing)}")
         notes.append(f"{len(missing)} weights were missing and initialised: {_names(missing, 20)}.")
 
-    write_folder(model, processor, output, args, sources, notes, checkpoint_report)
+    write_folder(
+        model, processor, output, args, sources, notes, checkpoint_report, initialised=missing, unwritten=unexpected
+    )
     logger.info(f"wrote {output}")
     return output
+
+
+def is_openflamingo_v1(report) -> bool:
+    """Whether the rename `report` of a checkpoint shows OpenFlamingo v1's layout: the v1-only aliases or open_clip
+    model were renamed or dropped, and nothing only v2 has."""
+    keys = [*report.renamed, *report.dropped]
+    return any(key.startswith(V1_KEYS) for key in keys) and not any(key.startswith(V2_KEYS) for key in keys)
 
 
 def load_config(path: Path, family: str) -> tuple[FlamingoConfig, bool]:
@@ -300,13 +344,11 @@ def apply_tokenizer(processor, state_dict: dict, config: FlamingoConfig, notes: 
 
 def build_model(config: FlamingoConfig, state_dict: dict, dtype: torch.dtype, family: str):
     """Build the model on the meta device and assign the tensors to it (no second copy in memory)."""
-    from tqdm.auto import tqdm
-
     from flamingo.modeling_flamingo import FlamingoForConditionalGeneration
     from otter.modeling_otter import OtterForConditionalGeneration
 
     model_class = OtterForConditionalGeneration if family == "otter" else FlamingoForConditionalGeneration
-    for key in tqdm(list(state_dict), desc=f"casting to {dtype}", unit="tensor", disable=None):
+    for key in logging.tqdm(list(state_dict), desc=f"casting to {dtype}", unit="tensor", disable=None):
         if state_dict[key].is_floating_point():
             state_dict[key] = state_dict[key].to(dtype)
     config.dtype = dtype
@@ -346,8 +388,11 @@ def initialise_missing(model, missing: list[str], config: FlamingoConfig):
 # ----- writing ---------------------------------------------------------------------------------------------------
 
 
-def write_folder(model, processor, output: Path, args, sources: dict, notes: list[str], report):
-    """Write into a temporary folder beside `output`, then rename it into place."""
+def write_folder(
+    model, processor, output: Path, args, sources: dict, notes: list[str], report, initialised=(), unwritten=()
+):
+    """Write into a temporary folder beside `output`, then rename it into place: an interrupted write leaves no
+    `output` (or, with --overwrite, the old one) and no temporary folder."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
@@ -355,7 +400,7 @@ def write_folder(model, processor, output: Path, args, sources: dict, notes: lis
         model.save_pretrained(staging, max_shard_size=args.max_shard_size)
         if processor is not None:
             processor.save_pretrained(staging)
-        (staging / "README.md").write_text(model_card(model, args, sources, notes, report))
+        (staging / "README.md").write_text(model_card(model, args, sources, notes, report, initialised, unwritten))
         _move_into_place(staging, output, args.overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -367,25 +412,40 @@ def _move_into_place(staging: Path, output: Path, overwrite: bool):
         if any(output.iterdir()) and not overwrite:
             raise ConvertError(f"--output {output} is not empty (pass --overwrite to replace it)")
         old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.replace(output, old / output.name)
+        try:
+            os.replace(output, old / output.name)
+        except BaseException:
+            old.rmdir()
+            raise
         try:
             os.replace(staging, output)
         except BaseException:
-            os.replace(old / output.name, output)
+            os.replace(old / output.name, output)  # the old folder back; if this fails too, it stays in `old`
+            old.rmdir()
             raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, output)
 
 
-def model_card(model, args, sources: dict, notes: list[str], report) -> str:
+def model_card(
+    model, args, sources: dict, notes: list[str], report, initialised: Sequence[str] = (), unwritten: Sequence[str] = ()
+) -> str:
+    """The folder's README.md: Hub metadata (library, pipeline, license, tags), what was converted from what, and
+    every checkpoint key the conversion renamed or dropped, every input tensor it did not write and every weight it
+    initialised."""
+    import yaml
+
     config = model.config
     family = "otter" if config.model_type == "otter" else "flamingo"
     title = "Otter" if family == "otter" else "OpenFlamingo"
-    tags = ["otter-flamingo", family, "multimodal", "image-text-to-text"]
-    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags:"]
-    front += [f"- {tag}" for tag in tags]
-    front += ["---", ""]
+    metadata = {"library_name": "transformers", "pipeline_tag": "image-text-to-text", "license": args.license}
+    if args.license == "other":
+        metadata["license_name"] = args.license_name
+        if args.license_link:
+            metadata["license_link"] = args.license_link
+    metadata["tags"] = ["otter-flamingo", family, "multimodal", "image-text-to-text"]
+    front = ["---", yaml.safe_dump(metadata, sort_keys=False).rstrip("\n"), "---", ""]
     text_config, vision_config = config.text_config, config.vision_config
     semantics = (
         "each token attends to the image of the latest `<image>` at or before it"
@@ -411,8 +471,36 @@ def model_card(model, args, sources: dict, notes: list[str], report) -> str:
     for what, where in sources.items():
         lines.append(f"- {what}: `{Path(where).name}`")
     if report is not None:
-        lines.append(f"- checkpoint keys renamed: {len(report.renamed)}, dropped: {len(report.dropped)}")
+        layout = " (OpenFlamingo v1 layout)" if is_openflamingo_v1(report) else ""
+        lines.append(
+            f"- checkpoint keys{layout}: {len(report.renamed)} renamed, {len(report.dropped)} dropped (listed below)"
+        )
     lines += [f"- {note}" for note in notes]
+    if report is not None and report.renamed:
+        lines += ["", "### Renamed checkpoint keys", "", "| from | to | keys |", "|---|---|---|"]
+        lines += [f"| `{old}` | `{new}` | {count} |" for old, new, count in rename_rules(report.renamed)]
+        lines += _details(f"All {len(report.renamed)} renamed keys", (f"{k} -> {v}" for k, v in report.renamed.items()))
+    if report is not None and report.dropped:
+        lines += ["", "### Dropped checkpoint keys", "", "| why | keys |", "|---|---|"]
+        lines += [f"| {reason} | {count} |" for reason, count in Counter(map(drop_reason, report.dropped)).items()]
+        lines += _details(f"All {len(report.dropped)} dropped keys", report.dropped)
+    if unwritten:
+        lines += [
+            "",
+            "### Input tensors not written",
+            "",
+            f"{len(unwritten)} input tensors have no place in the model.",
+        ]
+        lines += _details(f"All {len(unwritten)} tensors not written", unwritten)
+    if initialised:
+        lines += [
+            "",
+            "### Initialised weights",
+            "",
+            f"{len(initialised)} weights were in none of the inputs and were initialised (`--allow-missing`): gates, "
+            "frame embeddings and biases to zero, norms to one, perceiver latents N(0, 1), the rest N(0, 0.02).",
+        ]
+        lines += _details(f"All {len(initialised)} initialised weights", initialised)
     lines += [
         "",
         "## Use",
@@ -423,25 +511,84 @@ def model_card(model, args, sources: dict, notes: list[str], report) -> str:
         f'model = {type(model).__name__}.from_pretrained("{args.push_to_hub or args.output.name}")',
         "```",
         "",
+        "## License",
+        "",
     ]
+    if args.license == "other":
+        lines.append(
+            "These weights are derived from the base language model, the CLIP vision tower and the trained "
+            "checkpoint, and are subject to the licenses of each (for example LLaMA's license for the LLaMA-7B-based "
+            "OpenFlamingo-9B and Otter-9B; the OpenFlamingo and Otter code is MIT-licensed)."
+            + (f" License: {args.license_link}." if args.license_link else "")
+        )
+    else:
+        lines.append(f"`{args.license}`.")
+    lines.append("")
     return "\n".join(front + lines)
 
 
+def rename_rules(renamed: dict[str, str]) -> list[tuple[str, str, int]]:
+    """Group renames into rules, in order of first use: `(old pattern, new pattern, count)`, e.g.
+    `("perceiver.layers.{i}.1.*", "perceiver.layers.{i}.feed_forward.*", 24)`. A rule is the part of the name that
+    changed, after the common dotted prefix (indices shown as `{i}`); `.*` stands for the unchanged suffix."""
+    rules: Counter = Counter()
+    examples: dict[tuple[str, str], tuple[str, str]] = {}
+    for old, new in renamed.items():
+        a, b = old.split("."), new.split(".")
+        head = 0
+        while head < min(len(a), len(b)) and a[head] == b[head]:
+            head += 1
+        tail = 0
+        while tail < min(len(a), len(b)) - head and a[-1 - tail] == b[-1 - tail]:
+            tail += 1
+        prefix = ["{i}" if part.isdigit() else part for part in a[:head]]
+        middle_a, middle_b = a[head : len(a) - tail], b[head : len(b) - tail]
+        suffix = [".*"] if tail else []
+        rule = (_rule_side(prefix, middle_a, middle_b, suffix), _rule_side(prefix, middle_b, middle_a, suffix))
+        rules[rule] += 1
+        examples.setdefault(rule, (old, new))
+    # a rule used once is shown as the rename itself (`visual.class_embedding`, not `visual.*`)
+    return [(*(examples[rule] if count == 1 else rule), count) for rule, count in rules.items()]
+
+
+def _rule_side(prefix: list[str], middle: list[str], other: list[str], suffix: list[str]) -> str:
+    # An index in the changed part becomes {i} when both names keep it (a layer index), not when only one does (a
+    # sub-module position such as perceiver's `.0.` / `.1.`).
+    parts = prefix + ["{i}" if part.isdigit() and part in other else part for part in middle]
+    return ".".join(parts) + "".join(suffix)
+
+
+def drop_reason(key: str) -> str:
+    for pattern, reason in DROP_REASONS:
+        if re.search(pattern, key):
+            return reason
+    return "not used by the model"
+
+
+def _details(summary: str, items: Iterable[str]) -> list[str]:
+    """A collapsed block listing `items` in a code block (GitHub / Hub markdown)."""
+    return ["", "<details>", f"<summary>{summary}</summary>", "", "```text", *items, "```", "", "</details>"]
+
+
 def push(folder: Path, args):
-    """Upload `folder` to the Hub repo `args.push_to_hub` in a single commit."""
-    from huggingface_hub import HfApi
+    """Upload `folder` to the Hub repo `args.push_to_hub` in a single commit: one `create_commit` with one add
+    operation per file. (`upload_folder` with hf_xet installed streams files in batches, each its own commit.)"""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(token=args.token)
     repo = api.create_repo(args.push_to_hub, private=args.private, exist_ok=True, repo_type="model")
     repo_id = getattr(repo, "repo_id", args.push_to_hub)
     if args.revision:
         api.create_branch(repo_id, branch=args.revision, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(
-        folder_path=str(folder),
-        repo_id=repo_id,
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    operations = [CommitOperationAdd(path.relative_to(folder).as_posix(), str(path)) for path in files]
+    logger.info(f"pushing {len(operations)} files to {repo_id} in one commit")
+    commit = api.create_commit(
+        repo_id,
+        operations,
+        commit_message=f"Upload {folder.name} converted with otter convert",
         repo_type="model",
         revision=args.revision,
-        commit_message=f"Upload {folder.name} converted with otter convert",
     )
     logger.info(f"pushed {folder} to {repo_id}: {getattr(commit, 'commit_url', commit)}")
     return commit
@@ -470,9 +617,13 @@ def _names(names: Sequence[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def _show_progress(level: int):
+def _show_progress(level: int, bars: bool = True):
     """Show this command's messages on stderr while it runs (library code only logs; the command decides what is
-    shown). Returns a function that puts the loggers back as they were."""
+    shown), and progress bars (reading shards, casting) unless `bars` is false; they are also off when stderr is not
+    a terminal. Returns a function that puts the loggers and bars back as they were."""
+    bars_were_on = logging.is_progress_bar_enabled()
+    if not bars:
+        logging.disable_progress_bar()
     handler = std_logging.StreamHandler(sys.stderr)
     handler.setFormatter(std_logging.Formatter("%(message)s"))
     saved = []
@@ -486,6 +637,8 @@ def _show_progress(level: int):
         for package_logger, old_level in saved:
             package_logger.removeHandler(handler)
             package_logger.setLevel(old_level)
+        if bars_were_on and not bars:
+            logging.enable_progress_bar()
 
     return restore
 

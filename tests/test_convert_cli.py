@@ -1,8 +1,10 @@
 """`otter convert` (otter/convert.py): end to end on tiny models, from the source layouts to a folder that
 `from_pretrained` loads with the source's logits; refusals (missing weights, unsafe pickles, a non-empty output);
-dtype and sharding; the Hub push through a stand-in HfApi (no network)."""
+dtype and sharding; the model card; the v1 attend-previous warning; progress bars; interrupted writes;
+the Hub push in one commit through the real HfApi.create_commit (no network)."""
 
 import json
+import logging
 import os
 import re
 import runpy
@@ -220,40 +222,89 @@ def test_otter_config_needs_to_otter(sources, tmp_path, capsys):
     assert "--to otter" in capsys.readouterr().err
 
 
-class FakeHfApi:
-    calls: list = []
-
-    def __init__(self, token=None):
-        self.calls.append(("init", token))
-
-    def create_repo(self, repo_id, private=False, exist_ok=False, repo_type=None):
-        self.calls.append(("create_repo", repo_id, private, exist_ok))
-        return type("RepoUrl", (), {"repo_id": repo_id})()
-
-    def create_branch(self, repo_id, branch, exist_ok=False, repo_type=None):
-        self.calls.append(("create_branch", repo_id, branch))
-
-    def upload_folder(self, folder_path, repo_id, repo_type=None, revision=None, commit_message=None):
-        files = sorted(p.name for p in Path(folder_path).iterdir())
-        self.calls.append(("upload_folder", repo_id, revision, files))
-        return type("CommitInfo", (), {"commit_url": "https://example.invalid/commit/1"})()
-
-
 def test_push_to_hub_in_one_commit(sources, tmp_path, monkeypatch):
-    import huggingface_hub
+    """The real HfApi.create_commit runs; only what talks to the Hub is replaced (create_repo, create_branch, the
+    README YAML check, the LFS pre-upload and the commit request), and any HTTP request fails the test."""
+    import httpx2
+    from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, _commit_api
+    from huggingface_hub.hf_api import CommitInfo, RepoUrl
 
-    FakeHfApi.calls = []
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    def no_network(*args, **kwargs):
+        raise AssertionError("the push reached the network")
+
+    monkeypatch.setattr(httpx2.Client, "send", no_network)
+    monkeypatch.setattr(httpx2.AsyncClient, "send", no_network)
+    for method in ("upload_folder", "upload_file"):
+        monkeypatch.setattr(HfApi, method, no_network)
+
+    calls = []
+
+    def create_repo(self, repo_id, *, private=None, exist_ok=False, repo_type=None, **kwargs):
+        calls.append(("create_repo", repo_id, private, exist_ok, repo_type, self.token))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_branch(self, repo_id, *, branch, exist_ok=False, repo_type=None, **kwargs):
+        calls.append(("create_branch", repo_id, branch, exist_ok, self.token))
+
+    def validate_yaml(self, content, *, repo_type=None, token=None):
+        ModelCard(content)  # parses the metadata block, as the Hub would
+        calls.append(("validate_yaml", content))
+
+    def preupload_lfs_files(self, repo_id, additions, **kwargs):
+        calls.append(("preupload", repo_id, [op.path_in_repo for op in additions], kwargs["revision"]))
+
+    real_create_commit = HfApi.create_commit
+
+    def create_commit(self, *args, **kwargs):
+        calls.append(("create_commit", self.token))
+        return real_create_commit(self, *args, **kwargs)
+
+    def send_commit(**kwargs):
+        calls.append(("send_commit", kwargs))
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/{'0' * 40}",
+            commit_message=kwargs["commit_message"],
+            commit_description="",
+            oid="0" * 40,
+        )
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_branch", create_branch)
+    monkeypatch.setattr(HfApi, "_validate_yaml", validate_yaml)
+    monkeypatch.setattr(HfApi, "preupload_lfs_files", preupload_lfs_files)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(_commit_api, "_send_commit", send_commit)
+
     output = tmp_path / "pushed"
     args = argv(sources, output, "--push-to-hub", "someone/tiny", "--private", "--revision", "v1", "--token", "tok")
+    args += ["--max-shard-size", "100KB"]
     assert main(args) == 0
-    names = [call[0] for call in FakeHfApi.calls]
-    assert names == ["init", "create_repo", "create_branch", "upload_folder"]
-    assert FakeHfApi.calls[0] == ("init", "tok")
-    assert FakeHfApi.calls[1] == ("create_repo", "someone/tiny", True, True)
-    _, repo_id, revision, files = FakeHfApi.calls[-1]
-    assert (repo_id, revision) == ("someone/tiny", "v1")
-    assert {"model.safetensors", "config.json", "README.md"} <= set(files)
+
+    assert [call[0] for call in calls] == [
+        "create_repo",
+        "create_branch",
+        "create_commit",
+        "validate_yaml",
+        "preupload",
+        "send_commit",
+    ]
+    assert calls[0] == ("create_repo", "someone/tiny", True, True, "model", "tok")
+    assert calls[1] == ("create_branch", "someone/tiny", "v1", True, "tok")
+    assert calls[2] == ("create_commit", "tok")
+    assert calls[3][1] == (output / "README.md").read_text()
+    files = sorted(p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file())
+    assert {"config.json", "generation_config.json", "README.md", "model.safetensors.index.json"} <= set(files)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(files)
+    assert sum(name.endswith(".safetensors") for name in files) > 1  # sharded: still one commit
+    assert calls[4][1:] == ("someone/tiny", files, "v1")
+
+    commit = calls[5][1]
+    assert (commit["repo_id"], commit["repo_type"], commit["revision"]) == ("someone/tiny", "model", "v1")
+    assert commit["headers"]["authorization"] == "Bearer tok"
+    operations = commit["operations"]
+    assert all(isinstance(op, CommitOperationAdd) for op in operations)
+    assert sorted(op.path_in_repo for op in operations) == files
+    assert all(Path(op.path_or_fileobj) == output / op.path_in_repo for op in operations)
     assert 'from_pretrained("someone/tiny")' in (output / "README.md").read_text()
 
 
@@ -272,3 +323,206 @@ def test_model_is_built_on_meta_and_takes_the_tensors_without_copying(sources):
     assert missing == [] and unexpected == []
     for name, param in model.named_parameters():
         assert param.data_ptr() == pointers[name], name
+
+
+# ----- the model card ----------------------------------------------------------------------------------------------
+
+
+def test_model_card_metadata_and_lists(sources, tmp_path):
+    from huggingface_hub import ModelCard
+
+    output = tmp_path / "card"
+    assert main(argv(sources, output)) == 0
+    card = ModelCard.load(output / "README.md")  # a local file: no network
+    assert card.data.license == "other" and card.data.license_name == "base-model-license"
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    # the rename rules applied, with counts (tiny config: 2 perceiver layers, 2 cross-attention blocks), the full
+    # lists collapsed, and each dropped key with its reason
+    assert "| `perceiver.layers.{i}.0.*` | `perceiver.layers.{i}.*` |" in card.text
+    assert "| `perceiver.layers.{i}.1.*` | `perceiver.layers.{i}.feed_forward.*` |" in card.text
+    ff_rule = "`lang_encoder.model.layers.{i}.gated_cross_attn_layer.ff.*` | "
+    assert f"| {ff_rule}`lang_encoder.model.layers.{{i}}.gated_cross_attn_layer.feed_forward.*` | 8 |" in card.text
+    assert "OpenFlamingo v1 layout" in card.text
+    checkpoint = torch.load(sources["checkpoint"], weights_only=True)
+    aliases = [key for key in checkpoint if key.startswith("lang_encoder.gated_cross_attn_layers.")]
+    assert f"| alias of `lang_encoder.<layers>.{{i}}.gated_cross_attn_layer.*` | {len(aliases)} |" in card.text
+    assert "| `rotary_emb.inv_freq` buffer (recomputed by transformers) | 1 |" in card.text
+    details = card.text.split(f"<summary>All {len(aliases) + 1} dropped keys</summary>")[1].split("</details>")[0]
+    assert set(details.split("```text\n")[1].split("\n```")[0].splitlines()) == {
+        *aliases,
+        "lang_encoder.model.layers.0.decoder_layer.self_attn.rotary_emb.inv_freq",
+    }
+    assert "perceiver.layers.0.1.0.weight -> perceiver.layers.0.feed_forward.0.weight" in card.text
+    assert "## License" in card.text
+
+
+def test_model_card_license_options_and_initialised_list(sources, tmp_path):
+    from huggingface_hub import ModelCard
+
+    output = tmp_path / "mit"
+    assert main(argv(sources, output, "--license", "mit", "--allow-missing", base=False)) == 0
+    card = ModelCard.load(output / "README.md")
+    assert card.data.license == "mit" and card.data.get("license_name") is None
+    initialised = card.text.split("<summary>All ")[-1]
+    assert "initialised weights</summary>" in initialised
+    assert "vision_encoder.vision_model.encoder.layers.0.self_attn.q_proj.weight" in initialised
+
+    output = tmp_path / "llama"
+    link = "https://github.com/facebookresearch/llama/blob/main/LICENSE"
+    assert main(argv(sources, output, "--license-name", "llama-license", "--license-link", link)) == 0
+    card = ModelCard.load(output / "README.md")
+    assert (card.data.license, card.data.license_name, card.data.license_link) == ("other", "llama-license", link)
+
+
+# ----- OpenFlamingo v1 and attend_previous -------------------------------------------------------------------------
+
+REFERENCE = REPO_ROOT / "tests" / "fixtures" / "reference"
+V1_WARNING = "OpenFlamingo v1 runs with attend_previous off at inference"
+
+
+def reference_config(tmp_path: Path, version: str, only_attend_previous: bool) -> Path:
+    fields = json.loads((REFERENCE / version / "meta.json").read_text())["flamingo_config"]
+    path = tmp_path / f"{version}-{only_attend_previous}.json"
+    path.write_text(json.dumps({**fields, "only_attend_previous": only_attend_previous}))
+    return path
+
+
+def v1_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and V1_WARNING in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    ("version", "only_attend_previous", "family", "warns"),
+    [
+        ("of1", True, "flamingo", True),  # v1 with Otter / v2 semantics: warned
+        ("of1", False, "flamingo", False),  # v1 as it runs
+        ("of1", True, "otter", False),  # Otter was trained from v1 weights with attend_previous on
+        ("of2", True, "flamingo", False),  # v2's full state_dict (aliases and old_decoder_blocks): v2 semantics
+    ],
+)
+def test_v1_checkpoint_with_attend_previous_warns(version, only_attend_previous, family, warns, tmp_path, caplog):
+    """The full state dicts of the real OpenFlamingo 0.0.2 (v1) and 2.0.1 (v2) packages."""
+    config = reference_config(tmp_path, version, only_attend_previous)
+    args = ["--checkpoint", str(REFERENCE / version / "model.safetensors"), "--config", str(config), "--quiet"]
+    with caplog.at_level(logging.WARNING, logger="otter"):
+        assert main([*args, "--to", family, "--output", str(tmp_path / "out")]) == 0
+    found = v1_warnings(caplog)
+    assert len(found) == warns
+    if warns:
+        message = found[0]
+        assert "text attends to the image of the next <image> token" in message
+        assert "configs/openflamingo-v1-9b.json" in message and '"only_attend_previous": false' in message
+
+
+def test_released_v1_checkpoint_layout_warns(sources, tmp_path, caplog):
+    """A v1 checkpoint.pt as released (trainable weights, aliases, inv_freq) with an attend-previous config."""
+    with caplog.at_level(logging.WARNING, logger="otter"):
+        assert main(argv(sources, tmp_path / "out")) == 0
+    assert len(v1_warnings(caplog)) == 1
+
+
+def test_v1_config_is_the_9b_config_with_attend_previous_off():
+    v1 = json.loads((CONFIGS / "openflamingo-v1-9b.json").read_text())
+    shipped = json.loads((CONFIGS / "openflamingo-9b.json").read_text())
+    assert v1.pop("only_attend_previous") is False and shipped.pop("only_attend_previous") is True
+    assert v1 == shipped  # same architecture; no frame embeddings (v1 has none)
+    assert "max_num_frames" not in v1
+    assert "configs/openflamingo-v1-9b.json" in (REPO_ROOT / "README.md").read_text()
+
+
+# ----- progress bars -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_progress_bars_over_shards_and_cast(sources, tmp_path, monkeypatch, quiet):
+    from transformers.utils import logging as hf_logging
+
+    lm = tmp_path / "sharded-lm"
+    LlamaForCausalLM.from_pretrained(sources["lm"]).save_pretrained(lm, max_shard_size="50KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(sources["lm"] / name, lm / name)
+    shards = json.loads((lm / "model.safetensors.index.json").read_text())["weight_map"].values()
+    assert len(set(shards)) > 1
+
+    bars = []
+    real_tqdm = hf_logging.tqdm
+
+    def tqdm(iterable=None, *args, **kwargs):
+        bars.append((kwargs.get("desc"), kwargs.get("unit"), len(iterable), hf_logging.is_progress_bar_enabled()))
+        return real_tqdm(iterable, *args, **kwargs)
+
+    monkeypatch.setattr(hf_logging, "tqdm", tqdm)
+    args = argv(sources, tmp_path / "out", base=False) + ["--base-lm", str(lm), "--vision", str(sources["clip"])]
+    if not quiet:
+        args.remove("--quiet")
+    assert main(args) == 0
+    assert ("reading sharded-lm", "shard", len(set(shards)), not quiet) in bars
+    assert any(desc.startswith("casting to") and unit == "tensor" for desc, unit, _, _ in bars)
+    assert hf_logging.is_progress_bar_enabled()  # --quiet turned them off for the run only
+
+
+# ----- interrupted writes ------------------------------------------------------------------------------------------
+
+
+class ShardWriteFails:
+    """Stands in for safetensors' save_file inside save_pretrained: writes the first shard, then raises."""
+
+    def __init__(self, error: BaseException):
+        from transformers import modeling_utils
+
+        self.real, self.error, self.written = modeling_utils.safe_save_file, error, []
+
+    def __call__(self, tensors, filename, metadata=None):
+        if self.written:
+            raise self.error
+        self.real(tensors, filename, metadata=metadata)
+        self.written.append(Path(filename))
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_interrupted_write_leaves_no_output(sources, tmp_path, monkeypatch, capsys, error):
+    from transformers import modeling_utils
+
+    fails = ShardWriteFails(error)
+    monkeypatch.setattr(modeling_utils, "safe_save_file", fails)
+    output = tmp_path / "out"
+    args = argv(sources, output, "--max-shard-size", "100KB")
+    if isinstance(error, KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            main(args)
+    else:
+        assert main(args) == 2
+        assert "No space left on device" in capsys.readouterr().err
+    assert len(fails.written) == 1 and fails.written[0].parent.name.startswith(".out.tmp-")  # failed midway
+    assert not output.exists() and no_staging_left(tmp_path)
+
+
+def test_interrupted_overwrite_keeps_the_old_output(sources, tmp_path, monkeypatch, capsys):
+    from transformers import modeling_utils
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "old.txt").write_text("old")
+    fails = ShardWriteFails(OSError(28, "No space left on device"))
+    monkeypatch.setattr(modeling_utils, "safe_save_file", fails)
+    assert main(argv(sources, output, "--overwrite", "--max-shard-size", "100KB")) == 2
+    assert len(fails.written) == 1
+    assert [p.name for p in output.iterdir()] == ["old.txt"] and no_staging_left(tmp_path)
+
+
+def test_failed_rename_restores_the_old_output(sources, tmp_path, monkeypatch, capsys):
+    """The last step (staging folder -> --output, the old folder set aside) fails: the old folder is put back."""
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "old.txt").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst, **kwargs):
+        if Path(dst) == output and Path(src).name.startswith(".out.tmp-"):
+            raise OSError(18, "Invalid cross-device link")
+        return real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert main(argv(sources, output, "--overwrite")) == 2
+    assert "Invalid cross-device link" in capsys.readouterr().err
+    assert [p.name for p in output.iterdir()] == ["old.txt"] and no_staging_left(tmp_path)
