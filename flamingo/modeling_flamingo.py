@@ -444,19 +444,42 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             )
         return loaded
 
-    def stop_generation_at_end_of_chunk(self):
+    def stop_generation_at_end_of_chunk(self, eos_token_id: int | list[int] | None = None):
         """Make `generate()` stop at `<|endofchunk|>` (as the reference does) as well as at the LM's EOS, and pad
-        with the LM's pad token. Other generation settings are left as they are."""
+        with the family's pad token. Other generation settings are left as they are.
+
+        `eos_token_id`: the tokenizer's EOS. Given (as `FlamingoProcessor.resize_model_embeddings` does), the stop
+        tokens become exactly `[<|endofchunk|>, eos]`, dropping stale ids; otherwise `<|endofchunk|>` is put in
+        front of the generation config's own stop tokens.
+
+        The pad token is the first of:
+        - `config.pad_token_id`: the tokenizer's pad, recorded by `FlamingoProcessor.resize_model_embeddings`;
+        - Otter's `<PAD>` in the published layout: the row after `<answer>`, when it is the embeddings' last row
+          (`answer_token_id + 2 == text_config.vocab_size`; 32003 in the LLaMA releases, whose shipped generation
+          config pads with LLaMA's 0 = `<unk>`);
+        - the generation config's own pad, else `text_config.pad_token_id` (the LM's pad). Flamingo configs carry
+          no `<PAD>` id, so a Flamingo model pads with these unless a processor recorded its tokenizer's pad.
+        """
         generation_config = self.generation_config
-        end_of_chunk = self.config.endofchunk_token_id
-        if generation_config is None or end_of_chunk is None:
+        if generation_config is None:
             return
-        eos = generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        if end_of_chunk not in eos:
-            generation_config.eos_token_id = [end_of_chunk, *eos]
-        if generation_config.pad_token_id is None:
-            generation_config.pad_token_id = getattr(self.config.text_config, "pad_token_id", None)
+        config = self.config
+        end_of_chunk = config.endofchunk_token_id
+        if end_of_chunk is not None:
+            given = eos_token_id is not None
+            eos = eos_token_id if given else generation_config.eos_token_id
+            eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+            if given or end_of_chunk not in eos:
+                generation_config.eos_token_id = [end_of_chunk, *(token for token in eos if token != end_of_chunk)]
+        pad = getattr(config, "pad_token_id", None)
+        answer = getattr(config, "answer_token_id", None)
+        if pad is None and answer is not None and answer + 2 == getattr(config.text_config, "vocab_size", None):
+            pad = answer + 1
+        if pad is None:
+            pad = generation_config.pad_token_id
+        if pad is None:
+            pad = getattr(config.text_config, "pad_token_id", None)
+        generation_config.pad_token_id = pad
 
     def _wrap_decoder_layers(self):
         text_config = self.config.text_config

@@ -118,8 +118,10 @@ class FlamingoProcessor(ProcessorMixin):
 
     def resize_model_embeddings(self, model, pad_to_multiple_of: int | None = None, mean_resizing: bool = True):
         """Make `model` fit this processor's tokenizer: grow its token embeddings (and untied output head) to
-        `len(tokenizer)` when they have fewer rows, and write the special-token ids (`special_token_ids`) into
-        `model.config`. Never shrinks the embeddings. Returns the model."""
+        `len(tokenizer)` when they have fewer rows, write the special-token ids (`special_token_ids`) and the
+        tokenizer's pad id (`pad_token_id`) into `model.config`, and make `model.generation_config` stop at
+        `[<|endofchunk|>, tokenizer EOS]` and pad with the tokenizer's pad (`<PAD>` when it had none). Never
+        shrinks the embeddings. Returns the model."""
         needed = len(self.tokenizer)
         current = model.get_input_embeddings().weight.shape[0]
         if current < needed:
@@ -129,6 +131,12 @@ class FlamingoProcessor(ProcessorMixin):
             if getattr(model.config, name, value) != value:
                 logger.info(f"config.{name}: {getattr(model.config, name)} -> {value} (the tokenizer's id)")
             setattr(model.config, name, value)
+        pad = self.tokenizer.pad_token_id
+        if getattr(model.config, "pad_token_id", pad) != pad:
+            logger.info(f"config.pad_token_id: {model.config.pad_token_id} -> {pad} (the tokenizer's pad)")
+        model.config.pad_token_id = pad
+        if hasattr(model, "stop_generation_at_end_of_chunk"):
+            model.stop_generation_at_end_of_chunk(eos_token_id=self.tokenizer.eos_token_id)
         return model
 
     # ----- inputs -----------------------------------------------------------------------------------------------

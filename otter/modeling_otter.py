@@ -15,6 +15,11 @@ class OtterPreTrainedModel(FlamingoPreTrainedModel):
 class OtterForConditionalGeneration(OtterPreTrainedModel, FlamingoForConditionalGeneration):
     """Otter. Prompts look like `<image>User: {question} GPT:<answer>`; answers end with `<|endofchunk|>`."""
 
+    def _attend_previous(self) -> bool:
+        # Otter always trained with `only_attend_previous` (v0.2 reads the config; later versions force the
+        # augmentation off), although the published configs carry `use_media_placement_augmentation: true`.
+        return self.config.only_attend_previous
+
 
 OtterModel = OtterForConditionalGeneration
 

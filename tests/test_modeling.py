@@ -142,6 +142,99 @@ def test_each_token_attends_to_exactly_its_image(attend_previous):
     assert (attended[0, positions > 0].abs().sum(-1) > 0).all()
 
 
+def tokens_kept_apart(model):
+    """Zero every decoder layer's self-attention output projection: each token's logits then depend only on its
+    own id and on the image(s) its cross-attention reads, so "which tokens change" is exactly "which tokens see"."""
+    with torch.no_grad():
+        for layer in model.lang_encoder.model.layers:
+            layer.decoder_layer.self_attn.o_proj.weight.zero_()
+    return model
+
+
+# Two rows with their <image> tokens at different places, and the image each token must see (reference §1.3).
+#            s  img    a   b   img    c   d
+ATTEND_ROWS = [[1, MEDIA, 20, 21, MEDIA, 22, 23], [1, 20, MEDIA, 21, 22, MEDIA, 23]]
+EXPECTED_IMAGE = {
+    # True: the latest <image> at or before the token; text before the first <image> sees nothing.
+    True: [[0, 1, 1, 1, 2, 2, 2], [0, 0, 1, 1, 1, 2, 2]],
+    # False: <image> sees its own image, text sees the next one, text after the row's last <image> sees nothing.
+    False: [[1, 1, 2, 2, 2, 0, 0], [1, 1, 1, 2, 2, 2, 0]],
+}
+
+
+@pytest.mark.parametrize("attend_previous", [True, False])
+def test_a_token_sees_only_its_own_image_not_every_earlier_one(attend_previous):
+    model = tokens_kept_apart(tiny_model(only_attend_previous=attend_previous))
+    ids = torch.tensor(ATTEND_ROWS)
+    expected = torch.tensor(EXPECTED_IMAGE[attend_previous])
+    images = random_images(2, 2, seed=3)
+    base = logits_of(model, ids, images)
+    # The isolation holds: changing one text token moves only that token's logits.
+    other_ids = ids.clone()
+    other_ids[:, 3] = 30
+    moved = (logits_of(model, other_ids, images) - base).abs().amax(-1) > 1e-6
+    assert moved.tolist() == [[i == 3 for i in range(7)]] * 2
+    for image in range(2):
+        changed_images = images.clone()
+        changed_images[:, image] = random_images(2, 1, seed=4 + image)[:, 0]
+        delta = (logits_of(model, ids, changed_images) - base).abs().amax(-1)  # (B, L)
+        sees = expected == image + 1
+        assert (delta[sees] > 1e-3).all(), f"tokens that see image {image + 1} did not change: {delta}"
+        assert (delta[~sees] <= 1e-6).all(), f"tokens that do not see image {image + 1} changed: {delta}"
+    # Masking is per row: changing row 0's images leaves row 1 untouched.
+    changed_images = images.clone()
+    changed_images[0] = random_images(1, 2, seed=6)[0]
+    delta = (logits_of(model, ids, changed_images) - base).abs().amax(-1)
+    assert (delta[0][expected[0] > 0] > 1e-3).all()
+    assert (delta[1] <= 1e-6).all()
+
+
+def test_media_placement_augmentation_draws_either_rule_in_training_only():
+    model = tokens_kept_apart(tiny_model(use_media_placement_augmentation=False))
+    ids = torch.tensor(ATTEND_ROWS)
+    images = random_images(2, 2, seed=3)
+    reference = {}
+    for attend_previous in (True, False):
+        model.config.only_attend_previous = attend_previous
+        reference[attend_previous] = logits_of(model, ids, images)
+    assert (reference[True] - reference[False]).abs().max() > 1e-3
+
+    model.config.use_media_placement_augmentation = True
+    for attend_previous in (True, False):  # eval: deterministic, the configured rule, whatever the RNG
+        model.config.only_attend_previous = attend_previous
+        for seed in range(3):
+            torch.manual_seed(seed)
+            torch.testing.assert_close(logits_of(model, ids, images), reference[attend_previous], atol=0, rtol=0)
+
+    model.train()  # the tiny configs have no dropout: only the rule is random
+    assert model.config.text_config.attention_dropout == 0 and model.config.vision_config.attention_dropout == 0
+    torch.manual_seed(0)
+    drawn = []
+    for _ in range(40):
+        logits = logits_of(model, ids, images)
+        matches = [rule for rule, ref in reference.items() if (logits - ref).abs().max() <= 1e-5]
+        assert len(matches) == 1, "a training forward matched neither rule (or the rule was drawn per row)"
+        drawn.append(matches[0])
+    assert 8 <= drawn.count(True) <= 32, drawn
+
+    model.config.use_media_placement_augmentation = False  # training without augmentation: the configured rule
+    for _ in range(5):
+        torch.testing.assert_close(logits_of(model, ids, images), reference[False], atol=1e-5, rtol=0)
+
+
+def test_otter_ignores_media_placement_augmentation_as_otter_trained():
+    model = tokens_kept_apart(tiny_model("otter", only_attend_previous=True, use_media_placement_augmentation=True))
+    ids, images = torch.tensor(ATTEND_ROWS), random_images(2, 2, seed=3)
+    reference = logits_of(model, ids, images)
+    model.config.only_attend_previous = False
+    assert (logits_of(model, ids, images) - reference).abs().max() > 1e-3  # the rule matters for these prompts
+    model.config.only_attend_previous = True
+    model.train()
+    torch.manual_seed(0)
+    for _ in range(12):  # Flamingo would draw attend-previous off about half of these
+        torch.testing.assert_close(logits_of(model, ids, images), reference, atol=1e-5, rtol=0)
+
+
 def test_image_token_beyond_the_images_is_an_error_not_silently_blind():
     model = tiny_model()
     ids = torch.tensor([prompt("img", 3, "img", 3, "img")])
