@@ -338,8 +338,11 @@ def apply_tokenizer(processor, state_dict: dict, config: FlamingoConfig, notes: 
         logger.info(notes[-1])
         state_dict.update(pad_vocab_rows(state_dict, size))
         config.text_config.vocab_size = size
-    if config.text_config.pad_token_id is None and processor.tokenizer.pad_token_id is not None:
-        config.text_config.pad_token_id = processor.tokenizer.pad_token_id
+    if processor.tokenizer.pad_token_id is not None:
+        # The generation config pads with this (stop_generation_at_end_of_chunk), not with a base LM's shipped pad.
+        config.pad_token_id = processor.tokenizer.pad_token_id
+        if config.text_config.pad_token_id is None:
+            config.text_config.pad_token_id = processor.tokenizer.pad_token_id
 
 
 def build_model(config: FlamingoConfig, state_dict: dict, dtype: torch.dtype, family: str):

@@ -64,6 +64,7 @@ def sources(tmp_path_factory):
             if k.startswith("lang_encoder.") and ".gated_cross_attn_layer." not in k
         }
     )
+    lm.generation_config.pad_token_id = 1  # a shipped LM generation config whose pad is not the tokenizer's
     lm.save_pretrained(root / "lm")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TINY_TOKENIZER / name, root / "lm" / name)
@@ -131,6 +132,8 @@ def test_convert_openflamingo_v1_end_to_end(sources, tmp_path):
     model = FlamingoForConditionalGeneration.from_pretrained(output).eval()
     torch.testing.assert_close(logits(model), logits(sources["model"]), atol=ATOL, rtol=0)
     assert model.generation_config.eos_token_id[0] == 3  # stops at <|endofchunk|>
+    pad = AutoTokenizer.from_pretrained(output).pad_token_id
+    assert pad != 1 and model.generation_config.pad_token_id == model.config.pad_token_id == pad
 
     card = (output / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n")
