@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -28,12 +29,23 @@ DELEGATED = {
     "eval": ("otter.evaluate", "score a model on a MIMIC-IT style question set"),
     "demo": ("otter.demo", "the gradio web demo (needs the `demo` extra)"),
 }
-# Delegated commands that print one-line errors unless given --debug (`otter train` always shows tracebacks).
-DEBUG_FLAG_COMMANDS = {"convert", "estimate", "eval", "demo"}
+# Delegated commands that print one-line errors unless given --debug: `otter --debug CMD` passes it on.
+DEBUG_FLAG_COMMANDS = {"convert", "train", "estimate", "eval", "demo"}
 
 
 class UsageError(Exception):
     """A problem with the user's input: reported in one line, exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_options(command: argparse.ArgumentParser) -> None:
         command.add_argument("--model", help="HF model directory or Hub id (default: the embedded model)")
-        command.add_argument("--max-new-tokens", type=int, default=64)
-        command.add_argument("--num-beams", type=int, default=1)
+        command.add_argument("--max-new-tokens", type=positive_int, default=64)
+        command.add_argument("--num-beams", type=positive_int, default=1, help="beam search width (1: greedy)")
         command.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
@@ -62,10 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("IMAGE", "ANSWER"),
         help="an example image and its answer to the same question (repeatable)",
     )
-    generate.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    generate.add_argument(
+        "--stream", action="store_true", help="print tokens as they are generated (needs --num-beams 1)"
+    )
     model_options(generate)
 
-    chat = commands.add_parser("chat", help="an interactive multi-turn conversation about an image")
+    chat = commands.add_parser(
+        "chat", help="an interactive multi-turn conversation about an image (streamed unless --num-beams > 1)"
+    )
     chat.add_argument("--image", type=Path, required=True)
     model_options(chat)
 
@@ -125,9 +141,10 @@ def load_model(model_path: str | None, device: str | None):
     import otter  # noqa: F401
     from otter.default import load_processor
 
+    device = check_device(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if model_path is None:
         model_path = default_model_path()
-    elif not Path(model_path).exists() and (model_path.count("/") != 1 or os.environ.get("HF_HUB_OFFLINE") == "1"):
+    elif is_missing_model(model_path):
         raise UsageError(f"model not found: {model_path} (expected an HF model directory or a Hub id)")
     try:
         model = AutoModelForImageTextToText.from_pretrained(model_path)
@@ -135,8 +152,35 @@ def load_model(model_path: str | None, device: str | None):
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"cannot load model from {model_path}: {first_line}") from error
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), processor
+
+
+def check_device(name: str) -> str:
+    """`name` if it is a device torch knows and this machine has (`cuda`, `cuda:1`, `mps`, `cpu`, ...)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f"invalid device {name!r} (expected cpu, cuda, cuda:N, mps, ...)") from error
+    if device.type in ("cpu", "meta"):
+        return name
+    backend = getattr(torch, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if is_available is not None and not is_available():
+        raise UsageError(f"device {name!r} is not available on this machine (try --device cpu)")
+    device_count = getattr(backend, "device_count", None)
+    if device.index is not None and device_count is not None and device.index >= device_count():
+        raise UsageError(f"device {name!r} is not available: this machine has {device_count()} {device.type} device(s)")
+    return name
+
+
+def is_missing_model(name_or_path: str) -> bool:
+    """A path that does not exist and cannot be a Hub id (`owner/name`, when the Hub may be used)."""
+    if Path(name_or_path).exists():
+        return False
+    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name_or_path) is not None
+    return not hub_id or os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
 def default_model_path() -> str:
@@ -155,6 +199,8 @@ def run_generate(args: argparse.Namespace) -> int:
     question = args.prompt.strip()
     if not question:
         raise UsageError("the prompt is empty: pass a question with --prompt")
+    if args.stream and args.num_beams > 1:
+        raise UsageError("--stream needs --num-beams 1 (beam search cannot stream its tokens)")
     examples = [(load_image(Path(image)), answer) for image, answer in args.in_context]
     is_video = args.frames is not None or args.video is not None
     if is_video:
@@ -191,6 +237,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def generate_answer(model, processor, inputs, args: argparse.Namespace) -> str:
+    """The parsed answer; with `args.stream`, its tokens are printed as they come (greedy or sampling only)."""
     inputs = inputs.to(model.device)
     kwargs = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
     if not getattr(args, "stream", False):
@@ -200,14 +247,23 @@ def generate_answer(model, processor, inputs, args: argparse.Namespace) -> str:
 
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     result = {}
-    worker = threading.Thread(
-        target=lambda: result.update(output=model.generate(**inputs, streamer=streamer, **kwargs))
-    )
+
+    def work() -> None:
+        try:
+            result["output"] = model.generate(**inputs, streamer=streamer, **kwargs)
+        except BaseException as error:  # re-raised in the main thread, which must stop waiting for tokens
+            result["error"] = error
+            streamer.text_queue.put(streamer.stop_signal)
+
+    # A daemon thread: an interrupted (Ctrl-C) run exits without waiting for the generation to finish.
+    worker = threading.Thread(target=work, name="otter-generate", daemon=True)
     worker.start()
     for piece in streamer:
         print(piece, end="", flush=True)
     worker.join()
     print()
+    if "error" in result:
+        raise result["error"]
     return processor.decode_answer(result["output"][0])
 
 
@@ -228,7 +284,11 @@ def run_chat(args: argparse.Namespace) -> int:
         prompt = processor.build_video_prompt(question, in_context=history)
         inputs = processor(text=prompt, images=[image], return_tensors="pt")
         print("otter> ", end="", flush=True)
-        answer = generate_answer(model, processor, inputs, argparse.Namespace(**vars(args), stream=True))
+        # Streamed as it is generated, except with beam search (which cannot stream): then printed when done.
+        stream = args.num_beams == 1
+        answer = generate_answer(model, processor, inputs, argparse.Namespace(**vars(args), stream=stream))
+        if not stream:
+            print(answer)
         history.append((question, answer))
 
 

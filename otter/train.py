@@ -7,6 +7,9 @@ What trains is chosen by `--train` groups (cross-attention, perceiver, embedding
 AdamW decays the cross-attention weights only (not gates, norms or biases). Checkpoints (`--save-steps`) are
 complete (trainable weights, optimizer, LR schedule, every process's RNG state, the data position) and atomic
 (written to `checkpoint-N.tmp`, then renamed); `--resume-from-checkpoint` continues the same loss curve.
+
+Errors a user can fix (a missing file, a bad model path, a malformed data record, conflicting options) print one line
+and exit with status 2; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +42,7 @@ TRAINER_STATE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 # Arguments a resumed run must share with the run that wrote the checkpoint (the data order depends on them).
 RESUME_INVARIANTS = ("seed", "batch_size", "gradient_accumulation_steps", "num_processes", "max_frames", "max_length")
+USAGE_ERROR = 2
 
 
 # ----- arguments ---------------------------------------------------------------------------------------------------
@@ -116,37 +122,95 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--report-to", choices=("none", "tensorboard", "wandb"), default="none")
     group.add_argument("--logging-steps", type=int, default=1, help="log metrics every N optimizer steps")
     group.add_argument("--no-progress-bar", action="store_true")
+    group.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return parser
 
 
+def _rank() -> tuple[int, int]:
+    """This process's rank and the number of processes, as `accelerate launch` / torchrun set them."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+
+
+def print_error(message: str, every_rank: bool = False) -> None:
+    """`otter train: error: MESSAGE` on stderr, from the main process; with `every_rank`, the other processes print
+    it too, after their rank (an error one process alone hits, such as a bad image in its shard)."""
+    rank, world_size = _rank()
+    if rank != 0 and not every_rank:
+        return
+    where = f"[rank {rank}/{world_size}] " if rank != 0 else ""
+    print(f"otter train: error: {where}{message}", file=sys.stderr, flush=True)
+
+
+class ArgumentError(ValueError):
+    """A missing file or an unusable option: every process finds the same, so the main one reports it."""
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Raise an `ArgumentError` for a model, tokenizer or data file that does not exist (before minutes of loading)."""
+    from otter.cli import is_missing_model
+
+    if is_missing_model(args.model):
+        raise ArgumentError(
+            f"model not found: {args.model} (expected an HF model directory, a Hub id or a config JSON)"
+        )
+    if args.tokenizer is not None and is_missing_model(args.tokenizer):
+        raise ArgumentError(f"tokenizer not found: {args.tokenizer} (expected a tokenizer directory or a Hub id)")
+    if args.tokenizer is None and Path(args.model).is_file():
+        raise ArgumentError(f"--model {args.model} is a config (random init): give the tokenizer with --tokenizer")
+    for option in ("mimicit_yaml", "instructions", "images", "train_config"):
+        path = getattr(args, option)
+        if path is not None and not path.is_file():
+            raise ArgumentError(f"--{option.replace('_', '-')} file not found: {path}")
+
+
+def error_line(error: BaseException) -> str:
+    """The one line that says what went wrong. A DataLoader worker's exception is re-raised by torch with the
+    worker's whole traceback as its message: its last line is the error."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if len(lines) > 1 and "in DataLoader worker" in lines[0]:
+        return re.sub(r"^[\w.]+: ", "", lines[-1], count=1)  # drop the `package.module.ErrorClass: ` of the traceback
+    return lines[0]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The arguments, checked: conflicting options print one line and exit with status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+
+    def fail(message: str):
+        print_error(message)  # every process sees the same arguments: the main one says it
+        raise SystemExit(USAGE_ERROR)
+
     if args.mimicit_yaml is None and args.instructions is None:
-        parser.error("give --mimicit-yaml or --instructions (with --images unless --task-type text)")
+        fail("give --mimicit-yaml or --instructions (with --images unless --task-type text)")
     if args.mimicit_yaml is not None and args.instructions is not None:
-        parser.error("--mimicit-yaml and --instructions are alternatives")
+        fail("--mimicit-yaml and --instructions are alternatives")
     if args.instructions is not None and args.images is None and args.task_type != "text":
-        parser.error(f"--task-type {args.task_type} needs --images")
+        fail(f"--task-type {args.task_type} needs --images")
     for name in ("batch_size", "gradient_accumulation_steps", "epochs", "logging_steps"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+            fail(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_steps is not None and args.max_steps < 1:
-        parser.error("--max-steps must be at least 1")
+        fail("--max-steps must be at least 1")
     if args.warmup_ratio is not None and not 0 <= args.warmup_ratio < 1:
-        parser.error("--warmup-ratio must be in [0, 1)")
+        fail("--warmup-ratio must be in [0, 1)")
     if args.lora and args.train and "lm" in args.train:
-        parser.error("--lora trains adapters instead of the LM body: drop 'lm' from --train")
+        fail("--lora trains adapters instead of the LM body: drop 'lm' from --train")
     if args.report_to == "tensorboard":
         from accelerate.utils import is_tensorboard_available
 
         if not is_tensorboard_available():
-            parser.error("--report-to tensorboard needs tensorboard (pip install tensorboard)")
+            fail("--report-to tensorboard needs tensorboard: pip install 'otter-flamingo[train]'")
     if args.report_to == "wandb":
         from accelerate.utils import is_wandb_available
 
         if not is_wandb_available():
-            parser.error("--report-to wandb needs wandb (pip install wandb)")
+            fail("--report-to wandb needs wandb, which the train extra leaves out: pip install wandb")
     return args
 
 
@@ -348,6 +412,33 @@ def resolve_checkpoint(value: str, output_dir: Path) -> Path | None:
     return path
 
 
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep only the lines of `path` (metrics.jsonl) up to optimizer step `step`, the step a run resumes at: a run
+    killed after its last checkpoint logged steps that the resumed run replays, and must not log twice. A line cut
+    short by the kill is dropped too. Atomic (a temporary file, then a rename). Returns the number of lines dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            logged_step = json.loads(line)["step"]
+            keep = logged_step <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        temporary = path.with_name(path.name + ".tmp")
+        with open(temporary, "w") as handle:
+            handle.writelines(kept)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    return dropped
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -515,6 +606,7 @@ def make_accelerator(args) -> Accelerator:
 def train(args: argparse.Namespace, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Run training. `on_step(step, metrics)` is called after every optimizer step (after any checkpoint); an
     exception it raises stops the run there, as a crash would."""
+    check_paths(args)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(args)
     try:
@@ -639,6 +731,10 @@ def _train(args, accelerator: Accelerator, on_step) -> TrainResult:
     if args.report_to != "none":
         accelerator.init_trackers("otter-train", config={k: str(v) for k, v in vars(args).items()})
     metrics_path = args.output_dir / METRICS_FILE
+    if args.resume_from_checkpoint and main_process:
+        dropped = truncate_metrics(metrics_path, state.global_step)
+        if dropped:
+            logger.info(f"dropped {dropped} lines after step {state.global_step} from {metrics_path}: replayed now")
 
     from tqdm.auto import tqdm
 
@@ -783,7 +879,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
     )
-    train(args)
+    try:
+        train(args)
+    except ArgumentError as error:
+        if args.debug:
+            raise
+        print_error(str(error))
+        return USAGE_ERROR
+    except (OSError, ValueError, ImportError) as error:  # missing files, bad model or data (DataError), options
+        if args.debug:
+            raise
+        print_error(error_line(error), every_rank=True)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        return 130
     return 0
 
 

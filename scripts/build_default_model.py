@@ -225,7 +225,9 @@ def train(work_dir: Path, initial: Path, mixtures: dict[str, Path]) -> tuple[Pat
         commands.append("python -m otter.train " + " ".join(argv))
         print(commands[-1], flush=True)
         start = time.perf_counter()
-        train_main(argv)
+        status = train_main(argv)
+        if status:
+            raise SystemExit(f"otter.train failed (exit status {status}): {commands[-1]}")
         seconds += time.perf_counter() - start
         history += [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
         model = output_dir / "hf_model"

@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 import torch
 from conftest import REPO_ROOT, TINY_TOKENIZER, tiny_model
@@ -147,8 +149,9 @@ def test_debug_shows_the_traceback():
         ["convert", "--checkpoint", "missing.pt", "--config", "configs/otter-tiny.json", "--output", "out"],
         ["estimate", "--config", "missing.json"],
         ["eval", "--model", "/no/such/model"],
+        ["train", "--model", "/no/such/model", "--mimicit-yaml", "data.yaml", "--output-dir", "out"],
     ],
-    ids=["convert", "estimate", "eval"],
+    ids=["convert", "estimate", "eval", "train"],
 )
 def test_debug_reaches_delegated_commands(command, tmp_path, monkeypatch, capsys):
     """Without --debug a delegated command prints one line and exits 2; `otter --debug CMD` raises instead."""
@@ -166,3 +169,103 @@ def test_chat_keeps_the_history(model_dir, monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
     assert main(["chat", "--model", str(model_dir), "--image", str(RED_CIRCLE), "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.count("otter> ") == 2
+
+
+def within(seconds, function, *args):
+    """`function(*args)` in a thread: a hang fails the test after `seconds` instead of blocking the suite."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as error:
+            outcome["error"] = error
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still running after {seconds}s: hung"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def test_stream_with_beam_search_is_refused_in_one_line(model_dir, capsys):
+    args = ["generate", "--model", str(model_dir), "--image", str(RED_CIRCLE), "--prompt", "q", "--stream"]
+    assert within(120, main, [*args, "--num-beams", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "otter generate: error: --stream needs --num-beams 1 (beam search cannot stream its tokens)"
+
+
+def test_an_error_in_the_streaming_thread_reaches_the_caller(model_dir):
+    """transformers refuses a streamer with beam search inside the generate thread: the caller must get that
+    error, not wait forever for tokens."""
+    import argparse
+
+    from otter.cli import generate_answer, load_model
+
+    model, processor = load_model(str(model_dir), "cpu")
+    inputs = processor(text="<image>User: q GPT:<answer>", images=[load_image_rgb(RED_CIRCLE)], return_tensors="pt")
+    args = argparse.Namespace(max_new_tokens=3, num_beams=2, stream=True)
+    with pytest.raises(ValueError, match="beam search"):
+        within(120, generate_answer, model, processor, inputs, args)
+
+
+def load_image_rgb(path):
+    from PIL import Image
+
+    return Image.open(path).convert("RGB")
+
+
+def test_generate_with_beam_search(model_dir, capsys):
+    args = ["generate", "--model", str(model_dir), "--image", str(RED_CIRCLE), "--prompt", "q", "--num-beams", "2"]
+    assert within(120, main, [*args, "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_chat_with_beam_search_prints_whole_answers(model_dir, monkeypatch, capsys):
+    answers = iter(["What colour?", "And the shape?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    argv = ["chat", "--model", str(model_dir), "--image", str(RED_CIRCLE), "--max-new-tokens", "3", "--num-beams", "2"]
+    assert within(120, main, argv) == 0
+    assert capsys.readouterr().out.count("otter> ") == 2
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--max-new-tokens", "0", "must be at least 1, got 0"),
+        ("--num-beams", "0", "must be at least 1, got 0"),
+        ("--num-beams", "-3", "must be at least 1, got -3"),
+        ("--max-new-tokens", "many", "expected a positive integer, got 'many'"),
+    ],
+)
+def test_counts_must_be_positive(command, option, value, message, capsys):
+    question = ["--prompt", "q"] if command == "generate" else []
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--image", str(RED_CIRCLE), *question, option, value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: {message}" in err and "Traceback" not in err
+
+
+def test_a_device_this_machine_lacks_is_one_line(model_dir, capsys):
+    device = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    argv = ["generate", "--model", str(model_dir), "--image", str(RED_CIRCLE), "--prompt", "q", "--device", device]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"otter generate: error: device '{device}' is not available")
+    assert len(err.strip().splitlines()) == 1
+    assert main([*argv[:-1], "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().startswith("otter generate: error: invalid device 'gpu'") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "convert", "train", "eval", "estimate", "demo"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: otter {command}")

@@ -1,10 +1,14 @@
 """otter.train on the tiny Otter and a small shapes dataset (CPU): learning, resume, what trains, checkpoints."""
 
+import base64
 import json
+import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ from conftest import REPO_ROOT, TINY_TOKENIZER, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-from otter.data import ImageTransform, MimicitDataset, OtterDataCollator, load_mixture_yaml
+from otter.data import DataError, ImageTransform, MimicitDataset, OtterDataCollator, load_mixture_yaml
 from otter.data.shapes import make_shapes_dataset
 from otter.train import (
     TRAIN_GROUPS,
@@ -25,6 +29,7 @@ from otter.train import (
     parse_args,
     resolve_checkpoint,
     train,
+    truncate_metrics,
 )
 
 STEPS = 30
@@ -192,6 +197,8 @@ def test_resume_continues_the_same_loss_curve(model_dir, shapes, tmp_path):
         parse_args(argv(model_dir, shapes, tmp_path / "b", *schedule, "--resume-from-checkpoint", "latest"))
     )
     assert [entry["step"] for entry in resumed.history] == [5, 6, 7, 8]
+    # The crashed run had logged steps 5 and 6 after checkpoint-4; the resumed run replaced them, not appended.
+    assert logged_steps(tmp_path / "b") == list(range(1, 9))
     expected = {entry["step"]: entry for entry in uninterrupted.history}
     for entry in resumed.history:
         assert abs(entry["loss"] - expected[entry["step"]]["loss"]) < 1e-5
@@ -204,6 +211,179 @@ def test_resume_continues_the_same_loss_curve(model_dir, shapes, tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         changed = argv(model_dir, shapes, tmp_path / "b", *schedule, "--resume-from-checkpoint", "latest")
         train(parse_args([*changed, "--batch-size", "2"]))
+
+
+def logged_steps(output_dir):
+    return [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_killed_run_resumes_with_the_same_losses_and_each_step_logged_once(model_dir, shapes, tmp_path):
+    """A real `kill -9` (SIGKILL) of `python -m otter.train` once its first checkpoint is complete, then
+    `--resume-from-checkpoint latest`. The killed run may have logged steps past its checkpoint (and a line cut
+    short), which the resumed run replays: metrics.jsonl must end up with every step once, in order."""
+    run = argv(model_dir, shapes, tmp_path / "killed", "--max-steps", "1000", "--save-steps", "3", "--lr", "1e-3")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "otter.train", *run],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "killed" / "checkpoint-3").is_dir():
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint-3 after 180 s"
+            time.sleep(0.02)
+        process.kill()  # SIGKILL: no cleanup, no exception handler, no final save
+        assert process.wait(timeout=60) == -9
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    checkpoint = resolve_checkpoint("latest", tmp_path / "killed")
+    resumed_at = int(checkpoint.name.removeprefix("checkpoint-"))
+    assert resumed_at >= 3 and not (tmp_path / "killed" / "trainable_weights.safetensors").exists()
+    with open(tmp_path / "killed" / "metrics.jsonl", "a") as handle:  # what a run killed later would have logged
+        for step in range(resumed_at + 1, resumed_at + 6):
+            handle.write(json.dumps({"step": step, "loss": 99.0}) + "\n")
+        handle.write('{"step": ')
+
+    stop = resumed_at + 3
+
+    def stop_at(step, metrics):
+        if step == stop:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(parse_args([*run, "--resume-from-checkpoint", "latest"]), on_step=stop_at)
+    logged = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == list(range(1, stop + 1))
+    reference = []
+    with pytest.raises(Killed):
+        train(
+            parse_args(argv(model_dir, shapes, tmp_path / "reference", *run[run.index("--max-steps") :])),
+            on_step=lambda step, metrics: (reference.append(metrics["loss"]), stop_at(step, metrics)),
+        )
+    assert [entry["loss"] for entry in logged] == pytest.approx(reference, abs=1e-5)
+
+
+def test_truncate_metrics_keeps_the_steps_up_to_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": step, "loss": 1.0}) for step in (2, 4, 6, 8)]
+    path.write_text("\n".join(lines) + '\n{"step": 1')
+    assert truncate_metrics(path, 4) == 3
+    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
+    assert truncate_metrics(path, 4) == 0 and truncate_metrics(tmp_path / "missing.jsonl", 4) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left
+
+
+def test_epochs_warmup_ratio_and_tensorboard(model_dir, shapes, tmp_path):
+    """12 samples in batches of 5 make ceil(12 / 5) = 3 micro-batches an epoch; 4 epochs with 2 accumulation steps
+    make 6 optimizer steps, 3 of them warmup (--warmup-ratio 0.5). TensorBoard gets the same loss and LR."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = [
+        *["--model", str(model_dir), "--output-dir", str(tmp_path), "--num-workers", "0", "--no-progress-bar"],
+        *["--instructions", str(shapes.output_dir / "SHAPES_IMAGE_instructions.json"), "--images", str(shapes.images)],
+        *["--train-config", str(shapes.output_dir / "SHAPES_IMAGE_train.json")],
+        *["--batch-size", "5", "--epochs", "4", "--gradient-accumulation-steps", "2"],
+        *["--lr", "1e-3", "--lr-scheduler", "linear", "--warmup-ratio", "0.5", "--report-to", "tensorboard"],
+    ]
+    result = train(parse_args(run))
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4, 5, 6] and result.state.global_step == 6
+    # Steps cross epochs: step 2 is epoch 0's last micro-batch and epoch 1's first; `epoch` is the latter's.
+    assert [entry["epoch"] for entry in logged] == [0, 1, 1, 2, 3, 3]
+    # The LR after step s (what step s + 1 uses): warmup (s + 1) / 4 for s < 3, then linear decay to 0 at step 6.
+    assert [entry["lr"] for entry in logged] == pytest.approx([1e-3 * f for f in (2 / 4, 3 / 4, 1, 2 / 3, 1 / 3, 0)])
+
+    events = list(tmp_path.glob("otter-train/events.out.tfevents.*"))
+    assert events, sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    accumulator = EventAccumulator(str(events[0].parent)).Reload()
+    assert {"loss", "lr", "loss_mean", "tokens_per_s"} <= set(accumulator.Tags()["scalars"])
+    scalars = {tag: accumulator.Scalars(tag) for tag in ("loss", "lr")}
+    assert [event.step for event in scalars["loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [event.value for event in scalars["loss"]] == pytest.approx([e["loss"] for e in logged], rel=1e-6)
+    assert [event.value for event in scalars["lr"]] == pytest.approx([e["lr"] for e in logged], rel=1e-6, abs=1e-12)
+
+
+def test_bf16_mixed_precision_and_save_total_limit(trained, model_dir, shapes, tmp_path):
+    args = ["--max-steps", "4", "--lr", "2e-3", "--save-steps", "1", "--save-total-limit", "2"]
+    result = train(parse_args(argv(model_dir, shapes, tmp_path, *args, "--mixed-precision", "bf16")))
+    bf16, fp32 = losses(result.history), losses(trained.history)[:4]
+    assert all(torch.isfinite(torch.tensor(bf16))) and bf16 != fp32  # it did run in bf16 (CPU autocast)
+    assert bf16 == pytest.approx(fp32, rel=5e-3)  # bf16 keeps 8 bits of mantissa; observed ~1e-4
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+
+
+@pytest.fixture
+def bad_image_run(model_dir, shapes, tmp_path):
+    """The image task of the shapes data with one undecodable image (record SHAPES_IMAGE_train_00000's)."""
+    images = json.loads(shapes.images.read_text())
+    images["SHAPES_IMG_000000"] = base64.urlsafe_b64encode(b"not an image at all").decode()
+    bad_images = tmp_path / "bad_images.json"
+    bad_images.write_text(json.dumps(images))
+    output_dir = tmp_path / "run"
+    return output_dir, [
+        *["--model", str(model_dir), "--output-dir", str(output_dir), "--images", str(bad_images)],
+        *["--instructions", str(shapes.output_dir / "SHAPES_IMAGE_instructions.json")],
+        *["--train-config", str(shapes.output_dir / "SHAPES_IMAGE_train.json")],
+        *["--batch-size", "4", "--num-workers", "0", "--no-progress-bar", "--max-steps", "3", "--save-steps", "3"],
+    ]
+
+
+def failure_message(run, capsys) -> str:
+    """The CLI's error for a failed run: the exception main() lets through, or what it printed before exiting."""
+    try:
+        code = main(run)
+    except SystemExit as error:
+        code = error.code
+    except DataError as error:
+        return str(error)
+    assert code not in (0, None), "the run succeeded"
+    return capsys.readouterr().err
+
+
+def test_bad_records_fail_the_run_or_are_skipped_and_counted(bad_image_run, capsys, caplog):
+    output_dir, run = bad_image_run
+    # Without --skip-bad-records a bad record stops the run, naming it (when a batch loads it, or up front).
+    failing = [*run, "--output-dir", str(output_dir.with_name("failing"))]
+    assert "SHAPES_IMAGE_train_00000" in failure_message(failing, capsys)
+    message = failure_message([*failing, "--validate-data"], capsys)
+    assert "SHAPES_IMG_000000" in message and "bad_images.json" in message
+
+    # --skip-bad-records: the batch that holds it gets the next sample instead; counted in the checkpoint and logged.
+    with caplog.at_level(logging.INFO):
+        assert main([*run, "--skip-bad-records"]) == 0
+    state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())["state"]
+    assert state["skipped_records"] == 1
+    assert "skipping bad record" in caplog.text and "SHAPES_IMG_000000" in caplog.text
+    assert "1 replaced in batches" in caplog.text
+    assert logged_steps(output_dir) == [1, 2, 3]
+
+    # --validate-data --skip-bad-records: found before training, its sample removed, the run goes on.
+    caplog.clear()
+    shutil.rmtree(output_dir)
+    with caplog.at_level(logging.INFO):
+        assert main([*run, "--skip-bad-records", "--validate-data"]) == 0
+    assert "checked 12 images: 1 bad records skipped" in caplog.text
+    assert "removing sample 'SHAPES_IMAGE_train_00000'" in caplog.text
+    state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())["state"]
+    assert state["skipped_records"] == 0 and logged_steps(output_dir) == [1, 2, 3]
+
+
+def test_report_to_wandb_without_wandb_names_what_to_install(monkeypatch, capsys):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--output-dir", "o", "--mimicit-yaml", "y", "--report-to", "wandb"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--report-to wandb needs wandb, which the train extra leaves out: pip install wandb" in error
 
 
 def batch_of(shapes, tokenizer, size=6):
