@@ -424,6 +424,13 @@ def run(args: argparse.Namespace) -> EvalResult:
         and (args.model.count("/") != 1 or os.environ.get("HF_HUB_OFFLINE") == "1")
     ):
         raise FileNotFoundError(f"model not found: {args.model} (expected an HF model directory or a Hub id)")
+    if args.device is not None:
+        from otter.cli import UsageError, check_device
+
+        try:
+            check_device(args.device)
+        except UsageError as error:
+            raise ValueError(str(error)) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="otter-eval-") as work_dir:
         sources = _sources(args, Path(work_dir))

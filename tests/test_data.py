@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import pickle
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ from otter.data import (
     load_train_config,
     mask_labels,
 )
+from otter.data.images import repack_parquet
 from otter.data.shapes import make_shapes_dataset
 
 X = -100
@@ -414,6 +416,89 @@ def test_parquet_store_matches_json(tmp_path, tokenizer):
         a, b = datasets[0][index], datasets[1][index]
         assert torch.equal(a["input_ids"], b["input_ids"])
         assert (a["images"] is None and b["images"] is None) or torch.equal(a["images"], b["images"])
+
+
+def write_one_row_group_parquet(path, num_rows, value_bytes, seed=0):
+    """`num_rows` random base64 values of `value_bytes` characters in ONE row group, in small pages (as a repacked
+    or page-limited writer makes them). Returns {id: value}."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    values = {
+        f"img{n:05d}": base64.urlsafe_b64encode(rng.bytes(value_bytes * 3 // 4)).decode() for n in range(num_rows)
+    }
+    table = pa.table({"id": list(values), "base64": list(values.values())})
+    pq.write_table(table, path, row_group_size=num_rows, write_batch_size=4, data_page_size=1 << 16)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1
+    return values
+
+
+_POOLS = []  # proxy memory pools stay alive: Arrow buffers allocated from one must never outlive it
+
+
+def arrow_peak_bytes(function):
+    """Run `function()` with a fresh Arrow default memory pool; (result, peak bytes allocated in it)."""
+    import pyarrow as pa
+
+    previous = pa.default_memory_pool()
+    pool = pa.proxy_memory_pool(previous)
+    _POOLS.append(pool)
+    pa.set_memory_pool(pool)
+    try:
+        return function(), pool.max_memory()
+    finally:
+        pa.set_memory_pool(previous)
+
+
+def test_parquet_large_row_group_is_read_lazily(tmp_path, caplog):
+    """A 20 MB file in ONE row group: a lookup anywhere in it allocates < 5 MB (the old store read the group whole)
+    and the open warns, naming the file, the row group size and the repack fix."""
+    path = tmp_path / "one_group.parquet"
+    values = write_one_row_group_parquet(path, num_rows=400, value_bytes=50_000)
+    assert os.path.getsize(path) > 20_000_000
+    caplog.set_level(logging.WARNING)
+    store = ParquetImageStore(path)
+    warning = " ".join(caplog.messages)
+    assert str(path) in warning and "400 images" in warning and "scripts/repack_parquet.py" in warning
+    ids = list(values)
+    for image_id in (ids[0], ids[-1], ids[200], ids[201], ids[3], ids[399]):  # backwards, forwards, repeated
+        value, peak = arrow_peak_bytes(lambda image_id=image_id: store.get_base64(image_id))
+        assert value == values[image_id]
+        assert peak < 5_000_000, f"{image_id}: {peak} bytes allocated for one lookup"
+    assert store._cache == {}  # nothing of the big group kept
+    clone = pickle.loads(pickle.dumps(store))  # DataLoader workers get no open reader or cursor
+    assert clone._cursor is None and clone.get_base64(ids[123]) == values[ids[123]]
+    # Small row groups (under max_cached_row_group_bytes) are still read whole and cached: the same file with a
+    # higher limit takes ~20 MB for one lookup, which the bound above would catch.
+    whole = ParquetImageStore(path, max_cached_row_group_bytes=1 << 30)
+    value, peak = arrow_peak_bytes(lambda: whole.get_base64(ids[5]))
+    assert value == values[ids[5]] and peak > 20_000_000
+
+
+def test_repack_parquet(tmp_path, caplog):
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "one_group.parquet"
+    values = write_one_row_group_parquet(path, num_rows=150, value_bytes=100)
+    before = path.read_bytes()
+
+    def interrupted(rows):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        repack_parquet(path, path, row_group_size=64, progress=interrupted)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]  # atomic
+    progress = []
+    repack_parquet(path, path, row_group_size=64, progress=progress.append)
+    assert sum(progress) == 150 and [p.name for p in tmp_path.iterdir()] == [path.name]
+    metadata = pq.ParquetFile(path).metadata
+    assert [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)] == [64, 64, 22]
+    caplog.set_level(logging.WARNING)
+    store = ParquetImageStore(path, max_cached_row_group_bytes=64 * 200)  # the old group: 150 * 100
+    assert not caplog.messages and store._streamed == set()
+    assert {image_id: store.get_base64(image_id) for image_id in store.ids()} == values
 
 
 # ----- samples, collator, sampler ------------------------------------------------------------------------------------

@@ -270,6 +270,9 @@ def test_otter_eval_errors_are_one_line(tmp_path, capsys):
     assert cli_main(["eval", "--model", str(tmp_path / "missing")]) == 2
     assert cli_main(["eval", "--mimicit-yaml", str(tmp_path / "missing.yaml")]) == 2
     assert cli_main(["eval", "--instructions", str(tmp_path / "x.json"), "--task-type", "image"]) == 2
+    assert cli_main(["eval", "--device", "cuda:7"]) == 2 if not torch.cuda.is_available() else True
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("otter eval: error: ") for line in err), err
+    assert len(err) == 3 + (not torch.cuda.is_available()), err
+    assert all(line.startswith("otter eval: error: ") for line in err), err
     assert "model not found" in err[0] and "missing.yaml" in err[1] and "--images" in err[2]
+    assert torch.cuda.is_available() or "'cuda:7' is not available" in err[3]

@@ -509,20 +509,18 @@ def free_port() -> int:
 
 
 def test_two_process_ddp_run_completes_and_saves(model_dir, shapes, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo; ACCELERATE_USE_CPU makes it CPU DDP)."""
+    """`accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2` on the CPU, as the config's own
+    comment says (gloo; ACCELERATE_USE_CPU makes it CPU DDP, while `--cpu` would start a single process)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
+        "--config_file",
+        str(REPO_ROOT / "configs/accelerate/ddp.yaml"),
         "--num_processes",
         "2",
-        "--num_machines",
-        "1",
         "--mixed_precision",
-        "no",
-        "--dynamo_backend",
         "no",
         "--main_process_port",
         str(free_port()),

@@ -6,7 +6,8 @@ Two formats hold `{image_id: urlsafe-base64 image}`:
   keeps only the byte offsets of each value; an image is then read with one `seek` + `read` of its own bytes. A 10 GB
   file is never held in memory.
 * Parquet (later releases): a `base64` column and an id column (`id`, `image_id`, or the stored pandas index).
-  `ParquetImageStore` reads the id column once and an image's row group on demand (write small row groups).
+  `ParquetImageStore` reads the id column once and an image's row group on demand; a row group too large to read
+  whole is streamed page by page (bounded memory, slow random access: repack it with `repack_parquet`).
 
 Decoding checks the base64 strictly and the image fully, and raises a `DataError` naming the file and the image id.
 """
@@ -371,14 +372,27 @@ class JsonImageStore(ImageStore):
 
 
 class ParquetImageStore(ImageStore):
-    """Parquet with a `base64` column, indexed by its id column. Reads one row group per lookup (the last
-    `cache_row_groups` are kept), so write small row groups (tens to hundreds of images)."""
+    """Parquet with a `base64` column, indexed by its id column (read once, at open time).
+
+    A row group whose `base64` column chunk is at most `max_cached_row_group_bytes` (uncompressed) is read whole on
+    a lookup and kept (the last `cache_row_groups` of them). A larger row group (pandas/pyarrow write up to 1M rows
+    in one by default) is never read whole: it is streamed page by page in batches of `stream_batch_rows` images
+    up to the requested one, so memory per lookup is bounded by the parquet page size, not the row group size. That
+    costs I/O proportional to the image's position in its group, so a warning at open time names such groups; fix
+    the file with `python scripts/repack_parquet.py IN OUT --row-group-size 64` (or `repack_parquet`)."""
 
     ID_COLUMNS = ("id", "image_id", "__index_level_0__")
 
-    def __init__(self, path: str | os.PathLike, base64_column: str = "base64", cache_row_groups: int = 2):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        base64_column: str = "base64",
+        cache_row_groups: int = 2,
+        max_cached_row_group_bytes: int = 16 << 20,
+        stream_batch_rows: int = 16,
+    ):
         try:
-            import pyarrow.parquet as pq
+            import pyarrow.parquet  # noqa: F401 - fail early, with a hint
         except ImportError as error:  # pragma: no cover - pyarrow is in the `train` extra
             raise ImportError("parquet image files need pyarrow: pip install 'otter-flamingo[train]'") from error
         self.path = Path(path)
@@ -386,12 +400,16 @@ class ParquetImageStore(ImageStore):
             raise DataError("images file not found", self.path)
         self.base64_column = base64_column
         self.cache_row_groups = cache_row_groups
-        parquet = pq.ParquetFile(self.path)
+        self.max_cached_row_group_bytes = max_cached_row_group_bytes
+        self.stream_batch_rows = stream_batch_rows
+        parquet = _open_parquet(self.path)
         names = parquet.schema_arrow.names
         if base64_column not in names:
             raise DataError(f"no {base64_column!r} column (columns: {names})", self.path)
         self.id_column = self._find_id_column(parquet, names)
         self._index: dict[str, tuple[int, int]] = {}
+        self._streamed: set[int] = set()
+        metadata = parquet.metadata
         for group in range(parquet.num_row_groups):
             ids = parquet.read_row_group(group, columns=[self.id_column]).column(0).to_pylist()
             for row, image_id in enumerate(ids):
@@ -402,9 +420,23 @@ class ParquetImageStore(ImageStore):
                         self.path,
                     )
                 self._index[image_id] = (group, row)
+            size = _column_chunk_bytes(metadata.row_group(group), base64_column)
+            if size > max_cached_row_group_bytes:
+                self._streamed.add(group)
+        if self._streamed:
+            largest = max(self._streamed, key=lambda g: metadata.row_group(g).num_rows)
+            logger.warning(
+                f"{self.path}: {len(self._streamed)} of {parquet.num_row_groups} row groups are too large to read "
+                f"whole (row group {largest}: {metadata.row_group(largest).num_rows} images, "
+                f"{_column_chunk_bytes(metadata.row_group(largest), base64_column) / 2**20:.1f} MiB of "
+                f"{base64_column!r}); their images are streamed page by page, which keeps memory bounded but makes "
+                f"each lookup read the row group up to the image (slow random access). Rewrite the file with small "
+                f"row groups: python scripts/repack_parquet.py {self.path} OUT.parquet --row-group-size 64"
+            )
         self._parquet = None
         self._parquet_pid = None
-        self._cache: OrderedDict[int, list] = OrderedDict()
+        self._cache: OrderedDict[int, object] = OrderedDict()
+        self._cursor = None  # (group, batch iterator, first row of `batch`, batch) of the streamed group being read
         logger.info(f"{self.path}: indexed {len(self._index)} images in {parquet.num_row_groups} row groups")
 
     def _find_id_column(self, parquet, names) -> str:
@@ -424,6 +456,7 @@ class ParquetImageStore(ImageStore):
         state["_parquet"] = None
         state["_parquet_pid"] = None
         state["_cache"] = OrderedDict()
+        state["_cursor"] = None
         return state
 
     def __contains__(self, image_id):
@@ -435,33 +468,112 @@ class ParquetImageStore(ImageStore):
     def ids(self):
         return iter(self._index)
 
-    def _row_group(self, group: int) -> list:
-        if group in self._cache:
-            self._cache.move_to_end(group)
-            return self._cache[group]
+    def _file(self):
         if self._parquet is None or self._parquet_pid != os.getpid():
-            import pyarrow.parquet as pq
-
-            self._parquet = pq.ParquetFile(self.path)
+            self._parquet = _open_parquet(self.path)
             self._parquet_pid = os.getpid()
             self._cache.clear()
-        values = self._parquet.read_row_group(group, columns=[self.base64_column]).column(0).to_pylist()
-        self._cache[group] = values
-        while len(self._cache) > self.cache_row_groups:
-            self._cache.popitem(last=False)
-        return values
+            self._cursor = None
+        return self._parquet
+
+    def _cached_value(self, group: int, row: int):
+        if group in self._cache:
+            self._cache.move_to_end(group)
+            column = self._cache[group]
+        else:
+            column = self._file().read_row_group(group, columns=[self.base64_column]).column(0)
+            self._cache[group] = column
+            while len(self._cache) > self.cache_row_groups:
+                self._cache.popitem(last=False)
+        return column[row].as_py()
+
+    def _streamed_value(self, group: int, row: int, image_id: str):
+        parquet = self._file()
+        cursor = self._cursor
+        if cursor is None or cursor[0] != group or row < cursor[2]:
+            batches = parquet.iter_batches(
+                batch_size=self.stream_batch_rows, row_groups=[group], columns=[self.base64_column], use_threads=False
+            )
+            cursor = (group, batches, 0, None)
+        group, batches, start, batch = cursor
+        self._cursor = None
+        while batch is None or row >= start + batch.num_rows:
+            if batch is not None:
+                start += batch.num_rows
+            batch = next(batches, None)
+            if batch is None:
+                raise DataError("images file changed or was truncated after it was indexed", self.path, image_id)
+        self._cursor = (group, batches, start, batch)
+        return batch.column(0)[row - start].as_py()
 
     def get_base64(self, image_id: str):
         try:
             group, row = self._index[image_id]
         except KeyError:
             raise self._missing(image_id) from None
-        value = self._row_group(group)[row]
+        if group in self._streamed:
+            value = self._streamed_value(group, row, image_id)
+        else:
+            value = self._cached_value(group, row)
         if not isinstance(value, (str, bytes)):
             raise DataError(
                 f"wrong type: the image must be a base64 string, got {type(value).__name__}", self.path, image_id
             )
         return value
+
+
+def _open_parquet(path):
+    import pyarrow.parquet as pq
+
+    # buffer_size > 0 and no pre-buffering: column chunks are read through a small buffer, page by page, instead of
+    # whole into memory, so a streamed read holds a page or two however large its row group is.
+    return pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+
+
+def _column_chunk_bytes(row_group, column: str) -> int:
+    for index in range(row_group.num_columns):
+        chunk = row_group.column(index)
+        if chunk.path_in_schema == column:
+            return chunk.total_uncompressed_size
+    return 0
+
+
+def repack_parquet(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    row_group_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Rewrite a parquet images file with `row_group_size` rows per row group (and so per page at most), streaming
+    it in bounded memory. Written to a temporary file next to `destination` and renamed over it at the end, so an
+    interrupted repack never leaves a half-written file (`source` may be `destination`). Schema, column order and
+    pandas metadata are kept; `progress(rows)` is called after each row group."""
+    import pyarrow.parquet as pq
+
+    if row_group_size < 1:
+        raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
+    source, destination = Path(source), Path(destination)
+    if not source.is_file():
+        raise DataError("images file not found", source)
+    parquet = _open_parquet(source)
+    compression = "snappy"
+    if parquet.num_row_groups and parquet.metadata.row_group(0).num_columns:
+        compression = parquet.metadata.row_group(0).column(0).compression.lower()
+        if compression == "uncompressed":
+            compression = "none"
+    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+    try:
+        with pq.ParquetWriter(temporary, parquet.schema_arrow, compression=compression) as writer:
+            for batch in parquet.iter_batches(batch_size=row_group_size, use_threads=False):
+                writer.write_batch(batch, row_group_size=row_group_size)
+                if progress is not None:
+                    progress(batch.num_rows)
+        os.replace(temporary, destination)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    logger.info(f"{destination}: repacked {parquet.metadata.num_rows} rows in row groups of {row_group_size}")
+    return destination
 
 
 def open_image_store(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> ImageStore:
