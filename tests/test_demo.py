@@ -22,6 +22,15 @@ RED_CIRCLE = REPO_ROOT / "examples" / "images" / "red_circle.png"
 BLUE_SQUARE = REPO_ROOT / "examples" / "images" / "blue_square.png"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they make generation much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def processor():
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
@@ -214,3 +223,71 @@ def test_the_send_handler_streams_into_the_chat(processor):
 
     updates = list(respond("What colour?", [], [], [str(REPO_ROOT / "pyproject.toml")], None, *no_examples, 6, 1, 0, 1))
     assert len(updates) == 1 and updates[0][1] == [] and "pyproject.toml is not an image" in updates[0][2]
+
+
+def respond_handler(demo):
+    """The page's Send handler (`respond`), to call as gradio calls it."""
+    return next(block_fn.fn for block_fn in demo.fns.values() if getattr(block_fn.fn, "__name__", "") == "respond")
+
+
+def test_the_embedded_model_answers_in_the_demo():
+    """The page with the embedded default model (what `otter demo` serves without --model) answers questions about
+    the bundled examples correctly: a conversation, a new image, in-context examples and a video as frames."""
+    import otter
+    from otter.demo import build_demo
+
+    model, processor = otter.load_default()
+    respond = respond_handler(build_demo(model, processor))
+    images = REPO_ROOT / "examples" / "images"
+    settings = (16, 1, 0.0, 1.0)
+
+    def ask(question, history, chat, image_files=None, video_files=None, examples=()):
+        files = [str(file) for file, _ in examples] + [None] * (2 - len(examples))
+        answers = [answer for _, answer in examples] + [""] * (2 - len(examples))
+        *_, last = respond(question, history, chat, image_files, video_files, *files, *answers, *settings)
+        assert last[2] == "Done.", last[2]
+        return last[0], last[1]
+
+    history, chat = ask("What colour is the shape?", [], [], [str(RED_CIRCLE)])
+    assert history == [("What colour is the shape?", "red")]
+    history, chat = ask("What shape is it?", history, chat, [str(RED_CIRCLE)])
+    assert history[-1] == ("What shape is it?", "circle") and len(chat) == 4
+    assert ask("What colour is the shape?", [], [], [str(BLUE_SQUARE)])[0][-1][1] == "blue"
+    assert ask("How many shapes are there?", [], [], [str(images / "three_shapes.png")])[0][-1][1] == "three"
+    examples = [(images / "blue_square.png", "square"), (images / "green_triangle.png", "triangle")]
+    in_context = ask("What shape is it?", [], [], [str(images / "yellow_circle.png")], examples=examples)[0]
+    assert in_context[-1][1] == "circle"
+    frames = sorted(str(path) for path in (REPO_ROOT / "examples" / "frames" / "purple_circle_moving_right").iterdir())
+    assert ask("Which way does it move?", [], [], video_files=frames)[0][-1][1] == "right"
+    assert ask("What colour is the moving shape?", [], [], video_files=frames)[0][-1][1] == "purple"
+
+
+def test_demo_command_binds_localhost_and_sets_up_the_queue(monkeypatch, capsys):
+    """`otter demo` without --host serves on 127.0.0.1 only (never 0.0.0.0), with no public share link, and queues
+    requests: one generation at a time (Send and Enter share the "generate" limit), at most 32 waiting."""
+    import gradio
+
+    from otter.cli import main
+    from otter.demo import build_parser
+
+    defaults = build_parser().parse_args([])
+    assert (defaults.host, defaults.port, defaults.share) == ("127.0.0.1", 7860, False)
+    assert (defaults.concurrency, defaults.queue_size) == (1, 32)
+
+    launched = []
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: launched.append((self, kwargs)))
+    assert main(["demo", "--device", "cpu"]) == 0  # the embedded model, every other option left to its default
+    demo, kwargs = launched.pop()
+    assert kwargs["server_name"] == "127.0.0.1" and kwargs["server_port"] == 7860 and kwargs["share"] is False
+    assert kwargs["max_file_size"] == 10 * 1024 * 1024
+    assert "serving on http://127.0.0.1:7860" in capsys.readouterr().out
+    assert (demo._queue.default_concurrency_limit, demo._queue.max_size) == (1, 32)
+    generate = [block_fn for block_fn in demo.fns.values() if getattr(block_fn.fn, "__name__", "") == "respond"]
+    assert len(generate) == 2 and {block_fn.concurrency_id for block_fn in generate} == {"generate"}
+    assert all(block_fn.queue and block_fn.concurrency_limit == "default" for block_fn in generate)
+
+    argv = ["demo", "--device", "cpu", "--host", "0.0.0.0", "--concurrency", "3", "--queue-size", "5"]
+    assert main(argv) == 0
+    demo, kwargs = launched.pop()
+    assert kwargs["server_name"] == "0.0.0.0"
+    assert (demo._queue.default_concurrency_limit, demo._queue.max_size) == (3, 5)
