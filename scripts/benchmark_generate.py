@@ -26,10 +26,10 @@ NUM_IMAGES = 2
 
 
 def prompt_ids(media_token_id: int, end_of_chunk_id: int, vocab: int, length: int) -> torch.Tensor:
-    """`<s> <image> text... <|endofchunk|> <image> text...`, `length` ids in all."""
+    """`<s> <image> text... <|endofchunk|> <image> text...` with `length` text tokens (plus 4 special ones)."""
     generator = torch.Generator().manual_seed(0)
-    first = length // 2 - 3
-    second = length - first - 4
+    first = length // 2
+    second = length - first
     text = torch.randint(100, vocab - 10, (first + second,), generator=generator).tolist()
     return torch.tensor([[1, media_token_id, *text[:first], end_of_chunk_id, media_token_id, *text[first:]]])
 
@@ -146,7 +146,12 @@ def _timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length, <image> tokens included")
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=64,
+        help="text tokens in the prompt (<s>, 2x <image> and <|endofchunk|> come on top)",
+    )
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", choices=["ours", "ours-uncached", "idefics"], help=argparse.SUPPRESS)
@@ -169,7 +174,7 @@ def main() -> None:
         ("transformers IDEFICS, cache", "idefics"),
     ]
     print(
-        f"small config, fp32, CPU ({torch.get_num_threads()} threads), prompt {args.prompt_tokens} tokens with "
+        f"small config, fp32, CPU ({torch.get_num_threads()} threads), prompt {args.prompt_tokens} text tokens + "
         f"{NUM_IMAGES} images, {args.new_tokens} new tokens, greedy, best of {args.repeats}"
     )
     header = (

@@ -12,36 +12,52 @@ project's packages:
 (open-flamingo 2.0.1 pins torch==2.0.1 and sentencepiece==0.1.98, hence --no-deps; neither pin matters for a CPU
 forward pass. open_clip_torch must be <= 2.22: from 2.23 `ln_post` is applied to the patch tokens.)
 
-It builds a tiny OpenFlamingo model in-process, with no download, exactly as open_flamingo's factory wires one:
-an open_clip ViT from `open_clip.model._build_vision_tower` (what `open_clip.create_model` calls; QuickGELU as in
-OpenAI's weights) with `output_tokens=True`, a tiny `LlamaForCausalLM` from a config, `extend_instance(...,
-FlamingoLMMixin)`, and `open_flamingo.Flamingo(...)`, whose perceiver (depth 6, 8 heads x 64, 64 latents) and
-gated cross-attention blocks (8 heads x 64, FF x4) keep OpenFlamingo's hard-wired published sizes. All weights are
-then redrawn at O(1) scale (gates 0.5) so that every part moves the logits, and one forward pass on fixed inputs is
-saved with the full state dict (original keys, aliases included).
+The model is built by the reference's own entry point, offline: `open_flamingo.create_model_and_transforms(...)`
+with a tiny open_clip config registered by `open_clip.add_model_config` (QuickGELU as in OpenAI's weights,
+`pretrained=None`), and a tiny `LlamaForCausalLM` and tokenizer saved to temporary dirs and read back with
+`use_local_files=True`. The factory does everything it does for a released model: `output_tokens=True` on the
+open_clip visual, `<|endofchunk|>` / `<image>` added as special tokens (and `<PAD>` when there is no pad token),
+`resize_token_embeddings(len(tokenizer))`, `extend_instance(..., FlamingoLMMixin)` with the decoder-layer attribute
+inferred from the class name (`model.layers`), gated cross-attention before every `cross_attn_every_n_layers`-th
+layer, and the freezing. The tokenizer already holds the Flamingo tokens at the ids of the project's tiny tokenizer
+(`<PAD>` 0, `<s>` 1, `</s>` 2, `<|endofchunk|>` 3, `<image>` 4; 128 entries, as the tiny LM), so the factory adds
+none and the resize keeps 128 rows. The perceiver (depth 6, 8 heads x 64, 64 latents) and the gated
+cross-attention blocks (8 heads x 64, FF x4) keep OpenFlamingo's hard-wired sizes. All weights are then redrawn at
+O(1) scale (gates 0.5) so that every part moves the logits, the prompts are tokenized by the reference tokenizer
+with left padding, and one forward pass and a greedy generation are saved with the full state dict (original keys,
+aliases included).
 """
 
 import argparse
 import json
 import math
 import platform
+import string
 import sys
-import types
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
 import open_clip
 import torch
-from open_flamingo import Flamingo
-from open_flamingo.src.flamingo_lm import FlamingoLMMixin
-from open_flamingo.src.utils import extend_instance
+from open_flamingo import Flamingo, create_model_and_transforms
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SEED = 1234
-PAD, BOS, EOS, EOC, MEDIA = 0, 1, 2, 3, 4  # ids of tests/fixtures/tiny-tokenizer
-
+OPEN_CLIP_NAME = "of2-tiny-vit"  # registered with open_clip.add_model_config
 VISION = {"width": 8, "layers": 2, "head_width": 4, "mlp_ratio": 2.0, "patch_size": 8, "image_size": 32}
+# open_clip builds a whole CLIP; 2.0.1's Flamingo keeps only `.visual`, so the text tower is dropped (smallest allowed).
+OPEN_CLIP_TEXT = {"context_length": 4, "vocab_size": 8, "width": 8, "heads": 2, "layers": 1}
+# The special tokens, at the ids of tests/fixtures/tiny-tokenizer and configs/*-tiny.json.
+PAD, BOS, EOS, EOC, MEDIA, UNK = "<PAD>", "<s>", "</s>", "<|endofchunk|>", "<image>", "<unk>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, EOC, MEDIA, UNK]
+# Character-level BPE over printable ASCII, plus merges up to the tiny LM's 128 entries.
+MERGES = [
+    "th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "ti", "es", "or", "te",
+    "of", "ed", "is", "it", "al", "ar", "st", "to", "nt", "ng", "se", "ha", "as",
+]  # fmt: skip
 TEXT = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -52,29 +68,78 @@ TEXT = {
     "max_position_embeddings": 256,
     "rms_norm_eps": 1e-6,
     "tie_word_embeddings": False,
-    "bos_token_id": BOS,
-    "eos_token_id": EOS,
-    "pad_token_id": PAD,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
 }
-CROSS_ATTN_EVERY_N_LAYERS = 2
+CROSS_ATTN_EVERY_N_LAYERS = 2  # blocks before decoder layers 1 and 3
 MAX_NEW_TOKENS = 8
+# 3 images per sample. Row 0 starts with an image and has text between and after its images; row 1 is shorter
+# (left-padded), has text before its first image (which sees no image under 2.0.1's attend-previous semantics) and
+# uses only 2 of its 3 images (the third is a dummy, as when a batch mixes samples with different image counts).
+PROMPTS = [
+    "<image>a red cat<|endofchunk|><image>the dog<|endofchunk|><image>an ox is",
+    "hi there<image>ox<|endofchunk|><image>a star",
+]
+NUM_IMAGES = 3
+
+
+def write_open_clip_config(directory: Path):
+    config = {"embed_dim": 8, "quick_gelu": True, "vision_cfg": VISION, "text_cfg": OPEN_CLIP_TEXT}
+    path = directory / f"{OPEN_CLIP_NAME}.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+
+
+def write_tokenizer(directory: Path) -> int:
+    """A LLaMA-like character-level BPE (`encode` prepends `<s>`, as LLaMA's does; the factory reads the new
+    tokens' ids as `encode(token)[-1]`) whose vocabulary already holds the Flamingo tokens and a pad token."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for char in string.printable[:95]:  # digits, letters, punctuation, space
+        vocab[char] = len(vocab)
+    for merge in MERGES:
+        vocab[merge] = len(vocab)
+    assert len(vocab) == TEXT["vocab_size"], len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in MERGES], unk_token=UNK))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        additional_special_tokens=[EOC, MEDIA],
+    ).save_pretrained(str(directory))
+    return len(vocab)
+
+
+def build_model_and_tokenizer():
+    """`open_flamingo.create_model_and_transforms`, offline, on the tiny towers written to a temporary dir."""
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        write_open_clip_config(workdir)
+        vocab_size = write_tokenizer(workdir / "tokenizer")
+        LlamaForCausalLM(LlamaConfig(**{**TEXT, "vocab_size": vocab_size})).save_pretrained(str(workdir / "llama"))
+        model, _, tokenizer = create_model_and_transforms(
+            clip_vision_encoder_path=OPEN_CLIP_NAME,
+            clip_vision_encoder_pretrained=None,
+            lang_encoder_path=str(workdir / "llama"),
+            tokenizer_path=str(workdir / "tokenizer"),
+            cross_attn_every_n_layers=CROSS_ATTN_EVERY_N_LAYERS,
+            use_local_files=True,
+        )
+    # The factory found every token it adds already there: ids and the 128-row embeddings are unchanged.
+    assert len(tokenizer) == TEXT["vocab_size"] == model.lang_encoder.get_input_embeddings().weight.shape[0]
+    assert (model.eoc_token_id, model.media_token_id, tokenizer.pad_token_id) == (3, 4, TEXT["pad_token_id"])
+    assert model.lang_encoder.decoder_layers_attr_name == "model.layers"
+    return model.eval(), tokenizer
 
 
 def build_model() -> Flamingo:
-    vision = open_clip.model._build_vision_tower(embed_dim=8, vision_cfg=dict(VISION), quick_gelu=True)
-    vision.output_tokens = True  # as open_flamingo's factory does: visual(x)[1] are the patch tokens
-    lang_encoder = LlamaForCausalLM(LlamaConfig(**TEXT))
-    extend_instance(lang_encoder, FlamingoLMMixin)
-    lang_encoder.set_decoder_layers_attr_name("model.layers")
-    model = Flamingo(
-        types.SimpleNamespace(visual=vision),  # Flamingo keeps `vision_encoder.visual`
-        lang_encoder,
-        eoc_token_id=EOC,
-        media_token_id=MEDIA,
-        vis_dim=VISION["width"],
-        cross_attn_every_n_layers=CROSS_ATTN_EVERY_N_LAYERS,
-    )
-    return model.eval()
+    """The reference model alone (scripts/make_training_checkpoint_fixture.py loads of2/model.safetensors into it)."""
+    return build_model_and_tokenizer()[0]
 
 
 @torch.no_grad()
@@ -99,24 +164,12 @@ def randomize(model: torch.nn.Module, generator: torch.Generator):
             param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
 
 
-def make_inputs(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """2 samples x 2 images. Row 0: `<s><image> text <|endofchunk|><image> text`. Row 1 is left-padded and has text
-    before its first image (which therefore sees no image)."""
-
-    def text(n):
-        return torch.randint(10, TEXT["vocab_size"], (n,), generator=generator).tolist()
-
-    row0 = [BOS, MEDIA, *text(3), EOC, MEDIA, *text(4), EOC]
-    row1 = [BOS, *text(2), MEDIA, *text(2), EOC, MEDIA, *text(1)]
-    width = max(len(row0), len(row1))
-    lang_x = torch.full((2, width), PAD, dtype=torch.long)
-    attention_mask = torch.zeros(2, width, dtype=torch.long)
-    for i, row in enumerate((row0, row1)):
-        lang_x[i, width - len(row) :] = torch.tensor(row)
-        attention_mask[i, width - len(row) :] = 1
+def make_inputs(tokenizer, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    tokenizer.padding_side = "left"  # as OpenFlamingo's evaluation does
+    encoded = tokenizer(PROMPTS, padding="longest", return_tensors="pt")
     size = VISION["image_size"]
-    vision_x = torch.randn(2, 2, 1, 3, size, size, generator=generator)
-    return {"vision_x": vision_x, "lang_x": lang_x, "attention_mask": attention_mask}
+    vision_x = torch.randn(len(PROMPTS), NUM_IMAGES, 1, 3, size, size, generator=generator)
+    return {"vision_x": vision_x, "lang_x": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
 def describe(model: Flamingo) -> dict:
@@ -125,7 +178,8 @@ def describe(model: Flamingo) -> dict:
     attn, ff = perceiver.layers[0]
     blocks = [b for b in model.lang_encoder.gated_cross_attn_layers if b is not None]
     xattn = blocks[0]
-    text_hidden = TEXT["hidden_size"]
+    lm_config = model.lang_encoder.config
+    text_hidden = lm_config.hidden_size
     vision_heads = VISION["width"] // VISION["head_width"]
     return {
         "model_type": "flamingo",
@@ -141,7 +195,12 @@ def describe(model: Flamingo) -> dict:
             "hidden_act": "quick_gelu",
             "layer_norm_eps": 1e-5,
         },
-        "text_config": {"model_type": "llama", **TEXT},
+        "text_config": {
+            "model_type": "llama",
+            **TEXT,
+            "vocab_size": model.lang_encoder.get_input_embeddings().weight.shape[0],  # after the factory's resize
+            "pad_token_id": lm_config.pad_token_id,
+        },
         "cross_attn_every_n_layers": CROSS_ATTN_EVERY_N_LAYERS,
         "perceiver_depth": len(perceiver.layers),
         "perceiver_heads": attn.heads,
@@ -162,6 +221,23 @@ def describe(model: Flamingo) -> dict:
     }
 
 
+def generate(model: Flamingo, inputs: dict[str, torch.Tensor], use_cache: bool) -> torch.Tensor:
+    """2.0.1's own `Flamingo.generate` (greedy). With the cache it keeps the media and lets the one-token steps
+    attend to the last image; without it every step recomputes the media locations from the whole sequence."""
+    with torch.no_grad():
+        return model.generate(
+            vision_x=inputs["vision_x"],
+            lang_x=inputs["lang_x"],
+            attention_mask=inputs["attention_mask"],
+            max_new_tokens=MAX_NEW_TOKENS,
+            num_beams=1,
+            do_sample=False,
+            eos_token_id=model.eoc_token_id,
+            pad_token_id=TEXT["pad_token_id"],
+            use_cache=use_cache,
+        )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_out = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference" / "of2"
@@ -170,14 +246,15 @@ def main(argv=None) -> int:
 
     torch.manual_seed(SEED)
     generator = torch.Generator().manual_seed(SEED)
-    model = build_model()
+    model, tokenizer = build_model_and_tokenizer()
     randomize(model, generator)
-    inputs = make_inputs(generator)
+    inputs = make_inputs(tokenizer, generator)
     with torch.no_grad():
         output = model(vision_x=inputs["vision_x"], lang_x=inputs["lang_x"], attention_mask=inputs["attention_mask"])
     logits = output.logits.float()
     if not torch.isfinite(logits).all():
         raise SystemExit("reference logits are not finite")
+    attended = inputs["attention_mask"].bool()
     # How much the images matter: the same text with other images (0 would make the parity check blind to vision).
     with torch.no_grad():
         other = model(
@@ -185,19 +262,11 @@ def main(argv=None) -> int:
             lang_x=inputs["lang_x"],
             attention_mask=inputs["attention_mask"],
         ).logits
-    image_sensitivity = float((other - logits)[inputs["attention_mask"].bool()].abs().max())
-    # Greedy generation (OpenFlamingo 2.0.1 caches the media; new tokens attend to the last image).
-    with torch.no_grad():
-        generated = model.generate(
-            vision_x=inputs["vision_x"],
-            lang_x=inputs["lang_x"],
-            attention_mask=inputs["attention_mask"],
-            max_new_tokens=MAX_NEW_TOKENS,
-            num_beams=1,
-            do_sample=False,
-            eos_token_id=EOC,
-            pad_token_id=PAD,
-        )
+    image_sensitivity = float((other - logits)[attended].abs().max())
+    # Greedy generation. Cached and uncached must agree (else the fixture would pin down a cache artefact).
+    generated = generate(model, inputs, use_cache=True)
+    if not torch.equal(generated, generate(model, inputs, use_cache=False)):
+        raise SystemExit("2.0.1's cached and uncached greedy generation differ; pick other prompts")
 
     args.output.mkdir(parents=True, exist_ok=True)
     state_dict = {name: tensor.contiguous().clone() for name, tensor in model.state_dict().items()}
@@ -208,6 +277,11 @@ def main(argv=None) -> int:
     )
     meta = {
         "generator": "scripts/make_reference_fixtures.py",
+        "built_by": (
+            "open_flamingo.create_model_and_transforms(clip_vision_encoder_path='of2-tiny-vit' (open_clip."
+            "add_model_config), clip_vision_encoder_pretrained=None, lang_encoder_path=<tmp llama>, tokenizer_path="
+            f"<tmp tokenizer>, cross_attn_every_n_layers={CROSS_ATTN_EVERY_N_LAYERS}, use_local_files=True)"
+        ),
         "seed": SEED,
         "versions": {
             "python": platform.python_version(),
@@ -215,6 +289,7 @@ def main(argv=None) -> int:
             "open_clip_torch": version("open_clip_torch"),
             "torch": torch.__version__,
             "transformers": version("transformers"),
+            "tokenizers": version("tokenizers"),
             "safetensors": version("safetensors"),
             "einops": version("einops"),
             "einops_exts": version("einops-exts"),
@@ -222,6 +297,15 @@ def main(argv=None) -> int:
         "state_dict_layout": "open_flamingo 2.0.1 Flamingo.state_dict() (open_clip visual, aliases included)",
         "dtype": "float32",
         "flamingo_config": describe(model),
+        "tokenizer": {
+            "prompts": PROMPTS,
+            "padding_side": "left",
+            "len": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "endofchunk_token_id": tokenizer.convert_tokens_to_ids(EOC),
+            "media_token_id": tokenizer.convert_tokens_to_ids(MEDIA),
+        },
         "inputs": {
             "vision_x": list(inputs["vision_x"].shape),
             "lang_x": inputs["lang_x"].tolist(),
@@ -233,9 +317,10 @@ def main(argv=None) -> int:
             "max_new_tokens": MAX_NEW_TOKENS,
             "num_beams": 1,
             "do_sample": False,
-            "eos_token_id": EOC,
-            "pad_token_id": PAD,
+            "eos_token_id": model.eoc_token_id,
+            "pad_token_id": TEXT["pad_token_id"],
             "use_cache": True,
+            "equals_uncached": True,
         },
         "logits_abs_max": float(logits.abs().max()),
     }

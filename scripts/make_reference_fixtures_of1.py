@@ -16,7 +16,7 @@ pass never imports, hence --no-deps. transformers 4.28 is the version OpenFlamin
 keeps `rotary_emb.inv_freq` as a persistent buffer, as in the released checkpoint. open_clip_torch must be <= 2.22:
 from 2.23 `ln_post` is applied to the patch tokens.)
 
-Unlike the 2.0.1 script, this one goes through the reference's own entry point, offline:
+Like the 2.0.1 script, this one goes through the reference's own entry point, offline:
 `open_flamingo.create_model_and_transforms(...)` with a tiny open_clip config registered by
 `open_clip.add_model_config` (QuickGELU, `pretrained=None`), a tiny `LlamaForCausalLM` and a small LLaMA-like
 tokenizer saved to temporary dirs and read back with `use_local_files=True`. The factory adds `<|endofchunk|>`,

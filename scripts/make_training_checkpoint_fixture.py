@@ -12,8 +12,9 @@ of2/logits.safetensors). The checkpoint is then saved the way `open_flamingo/tra
 functions, in a one-process CPU "distributed" run:
 
 - freezing as `open_flamingo.src.factory.create_model_and_transforms` does (everything frozen, then the perceiver,
-  `lang_encoder.gated_cross_attn_layers` and the input embeddings trainable; the factory itself downloads its
-  towers, so its seven freezing lines are repeated here);
+  `lang_encoder.gated_cross_attn_layers` and the input embeddings trainable). `build_model()` goes through the
+  factory, which already froze the model; its seven freezing lines are applied again after the weights are loaded,
+  so the trainable set does not depend on how the model was built;
 - `DistributedDataParallel` (gloo, world size 1), so keys carry DDP's `module.` prefix as in real runs;
 - AdamW over the trainable parameters with train.py's weight-decay groups, and transformers'
   `get_constant_schedule_with_warmup`;

@@ -68,6 +68,7 @@ def forward(model, inputs) -> torch.Tensor:
 def test_fixture_comes_from_the_reference(reference):
     meta = reference["meta"]
     assert meta["versions"]["open_flamingo"] == "2.0.1"
+    assert meta["built_by"].startswith("open_flamingo.create_model_and_transforms(")  # the reference's own factory
     assert meta["dtype"] == "float32"
     keys = reference["state_dict"].keys()
     # The reference's own layout: open_clip visual, perceiver .0/.1, the aliases OpenFlamingo keeps.
