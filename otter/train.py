@@ -731,9 +731,11 @@ def _train(args, accelerator: Accelerator, on_step) -> TrainResult:
     if args.report_to != "none":
         accelerator.init_trackers("otter-train", config={k: str(v) for k, v in vars(args).items()})
     metrics_path = args.output_dir / METRICS_FILE
-    if args.resume_from_checkpoint and main_process:
+    if main_process:  # metrics.jsonl describes this run: a resume replays the steps after its checkpoint
         dropped = truncate_metrics(metrics_path, state.global_step)
-        if dropped:
+        if dropped and state.global_step == 0:
+            logger.warning(f"{metrics_path} held {dropped} lines of an earlier run; this run starts it afresh")
+        elif dropped:
             logger.info(f"dropped {dropped} lines after step {state.global_step} from {metrics_path}: replayed now")
 
     from tqdm.auto import tqdm

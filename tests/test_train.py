@@ -271,6 +271,16 @@ def test_a_killed_run_resumes_with_the_same_losses_and_each_step_logged_once(mod
     assert [entry["loss"] for entry in logged] == pytest.approx(reference, abs=1e-5)
 
 
+def test_a_new_run_in_an_old_output_dir_starts_metrics_afresh(model_dir, shapes, tmp_path, caplog):
+    run = argv(model_dir, shapes, tmp_path, "--max-steps", "3")
+    train(parse_args(run))
+    with caplog.at_level(logging.WARNING, logger="otter.train"):
+        train(parse_args(run))
+    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3]  # not the first run's three lines followed by the second's
+    assert any("held 3 lines of an earlier run" in message for message in caplog.messages)
+
+
 def test_truncate_metrics_keeps_the_steps_up_to_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": step, "loss": 1.0}) for step in (2, 4, 6, 8)]
