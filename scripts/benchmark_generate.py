@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -119,7 +120,37 @@ def build_idefics(prompt_tokens: int):
     return model, generate
 
 
+def measure_floor(repeats: int) -> dict:
+    """The matmuls alone of one cached decoding step: a 1-row `F.linear` through every LM, cross-attention and
+    `lm_head` weight that a step reads (not the media key/value projection, which runs once per call). Memory
+    bandwidth bounds this on a CPU; no decoder can beat it at fp32, so it shows how much room is left."""
+    model, _ = build_ours(8)
+    weights = [
+        module.weight
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.startswith("lang_encoder.") and not name.endswith(".to_kv")
+    ]
+    rows = {width: torch.randn(1, width) for width in {w.shape[1] for w in weights}}
+
+    def one_step():
+        for weight in weights:
+            torch.nn.functional.linear(rows[weight.shape[1]], weight)
+
+    with torch.inference_mode():
+        one_step()  # warm-up
+        step = min(_timed(lambda: [one_step() for _ in range(16)]) for _ in range(repeats)) / 16
+    return {
+        "parameters": sum(w.numel() for w in weights),
+        "tokens_per_s": 1 / step,
+        "first_token_s": float("nan"),
+        "total_s": step,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
 def measure(which: str, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
+    if which == "floor":
+        return measure_floor(repeats)
     build = build_ours if which.startswith("ours") else build_idefics
     model, generate = build(prompt_tokens)
     use_cache = not which.endswith("uncached")
@@ -138,6 +169,10 @@ def measure(which: str, prompt_tokens: int, new_tokens: int, repeats: int) -> di
     }
 
 
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:.0f}ms"
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -154,14 +189,14 @@ def main() -> None:
     )
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker", choices=["ours", "ours-uncached", "idefics"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ours", "ours-uncached", "idefics", "floor"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(measure(args.worker, args.prompt_tokens, args.new_tokens, args.repeats)))
         return
 
     results = {}
-    for which in ("ours", "ours-uncached", "idefics"):
+    for which in ("ours", "ours-uncached", "idefics", "floor"):
         command = [sys.executable, __file__, "--worker", which, "--new-tokens", str(args.new_tokens)]
         command += ["--repeats", str(args.repeats), "--prompt-tokens", str(args.prompt_tokens)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -172,6 +207,7 @@ def main() -> None:
         ("otter-flamingo, KV + media cache", "ours"),
         ("otter-flamingo, no cache", "ours-uncached"),
         ("transformers IDEFICS, cache", "idefics"),
+        ("floor: a step's matmuls alone", "floor"),
     ]
     print(
         f"small config, fp32, CPU ({torch.get_num_threads()} threads), prompt {args.prompt_tokens} text tokens + "
@@ -186,7 +222,7 @@ def main() -> None:
         r = results[key]
         print(
             f"| {label:34} | {r['parameters'] / 1e6:6.1f}M | {r['tokens_per_s']:7.1f} | "
-            f"{ours['tokens_per_s'] / r['tokens_per_s']:8.2f}x | {r['first_token_s'] * 1000:9.0f}ms | "
+            f"{ours['tokens_per_s'] / r['tokens_per_s']:8.2f}x | {_ms(r['first_token_s']):>11} | "
             f"{r['peak_rss_mb']:7.0f}MB |"
         )
 
