@@ -8,6 +8,7 @@ and exit with status 2; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import re
@@ -18,8 +19,6 @@ from pathlib import Path
 
 USAGE_ERROR = 2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-# Containers that need a video decoder, which the package does not depend on: their frames are given with --frames.
-VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
 
 # Subcommands whose parser and work live in their own module, as `main(argv) -> int`.
 DELEGATED = {
@@ -63,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="answer a question about images, a video or frames")
     media = generate.add_mutually_exclusive_group()
     media.add_argument("--image", nargs="+", action="extend", default=[], type=Path, help="image file(s)")
-    media.add_argument("--video", type=Path, help="a video as an animated GIF, WebP or PNG")
+    media.add_argument(
+        "--video",
+        type=Path,
+        help="a video: MP4, WebM, MOV, AVI, MKV, ... (needs the `video` extra) or an animated GIF, WebP or PNG",
+    )
     media.add_argument("--frames", type=Path, help="a directory of video frames (sorted by name)")
     generate.add_argument("--prompt", required=True, help="the question")
     generate.add_argument(
@@ -114,22 +117,36 @@ def load_frames(directory: Path) -> list:
     return [load_image(p) for p in files]
 
 
-def load_video(path: Path) -> list:
-    """The frames of an animated GIF / WebP / PNG (a still image is a one-frame video)."""
-    from PIL import Image, ImageSequence, UnidentifiedImageError
+def check_video(path: Path) -> None:
+    """A quick look at a --video file before the model loads: it exists, and opens as a video."""
+    from otter.video import check_video as check
 
-    if not path.is_file():
-        raise UsageError(f"video not found: {path}")
-    if path.suffix.lower() in VIDEO_SUFFIXES:
-        raise UsageError(
-            f"cannot decode {path.suffix} video files (no video decoder is installed): extract the frames "
-            f"(e.g. `ffmpeg -i {path.name} frames/%04d.png`) and pass --frames DIR, or pass an animated GIF"
-        )
+    with video_errors(path):
+        check(path)
+
+
+def load_video(path: Path, max_frames: int | None) -> list:
+    """The frames of a video file or an animated GIF / WebP / PNG (a still image is a one-frame video), resampled
+    evenly (first and last frame kept) to at most `max_frames`, as in training."""
+    from otter.video import load_video_frames
+
+    with video_errors(path):
+        return load_video_frames(path, max_frames)
+
+
+@contextlib.contextmanager
+def video_errors(path: Path):
+    """`otter.video`'s errors as one-line usage errors."""
+    from otter.video import VideoDecodeError, VideoDecoderMissing
+
     try:
-        with Image.open(path) as clip:
-            return [frame.convert("RGB") for frame in ImageSequence.Iterator(clip)]
-    except (UnidentifiedImageError, OSError) as error:
-        raise UsageError(f"not a readable video (animated GIF, WebP or PNG): {path} ({error})") from error
+        yield
+    except FileNotFoundError as error:
+        raise UsageError(f"video not found: {path}") from error
+    except VideoDecoderMissing as error:
+        raise UsageError(f"{error}, or pass an animated GIF, or the frames with --frames DIR") from error
+    except VideoDecodeError as error:
+        raise UsageError(f"{error}; or pass its frames with --frames DIR") from error
 
 
 def load_model(model_path: str | None, device: str | None):
@@ -206,7 +223,11 @@ def run_generate(args: argparse.Namespace) -> int:
     if is_video:
         if examples:
             raise UsageError("--in-context examples are images; they cannot be combined with --video or --frames")
-        frames = load_frames(args.frames) if args.frames is not None else load_video(args.video)
+        # A frames directory is read now; a video file is only checked now (before the slow model load), and
+        # decoded once the model says how many frames it takes.
+        frames = load_frames(args.frames) if args.frames is not None else None
+        if frames is None:
+            check_video(args.video)
     else:
         if not args.image:
             raise UsageError(
@@ -220,6 +241,8 @@ def run_generate(args: argparse.Namespace) -> int:
         from otter.data.dataset import resample_frames
 
         # As in training: a longer clip is resampled evenly (first and last frame kept) to the frames the model has.
+        if frames is None:
+            frames = load_video(args.video, model.config.max_num_frames)
         frames = list(resample_frames(tuple(frames), model.config.max_num_frames))
         prompt = processor.build_video_prompt(question)
         inputs = processor(text=prompt, videos=[frames], return_tensors="pt")

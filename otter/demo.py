@@ -1,6 +1,7 @@
 """`otter demo`: a gradio web demo of an Otter model.
 
-Upload one or more images (or a video as an animated GIF / WebP / PNG, or its frames as images), optionally
+Upload one or more images (or a video: an MP4 or other video file, an animated GIF / WebP / PNG, or its frames as
+images; video files need the `video` extra, which the `demo` extra includes), optionally
 in-context examples (an image with the answer to the same question), and chat: answers stream in token by token,
 and earlier turns stay in the prompt. Requests from several browsers wait in a queue.
 
@@ -34,11 +35,19 @@ from pathlib import Path
 from transformers.utils import logging
 
 from otter.default import model_display_name
+from otter.video import (
+    VIDEO_EXTRA_HINT,
+    VideoDecodeError,
+    VideoDecoderMissing,
+    is_video_file,
+    load_video_frames,
+    sample_indices,
+    video_decoder_available,
+)
 
 logger = logging.get_logger(__name__)
 
 IMAGE_HINT = "PNG, JPEG, GIF, BMP, WebP or TIFF"
-VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
 MAX_IMAGES = 8  # uploaded query images per question
 NUM_EXAMPLES = 2  # in-context example rows in the page
 DEFAULT_MAX_FRAMES = 16  # when the model's config has no max_num_frames
@@ -65,8 +74,10 @@ def open_image(path: Path):
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    if path.suffix.lower() in VIDEO_SUFFIXES:
-        raise DemoInputError(f"{path.name} is a video file, not an image. Upload {IMAGE_HINT} files.")
+    if is_video_file(path):
+        raise DemoInputError(
+            f"{path.name} is a video file, not an image. Upload {IMAGE_HINT} files (and videos as videos)."
+        )
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
@@ -77,41 +88,35 @@ def open_image(path: Path):
 
 
 def open_video(paths: Sequence[Path], max_frames: int) -> list:
-    """The frames of a video: one animated GIF / WebP / PNG file, or several image files (frames in name order),
-    resampled evenly to at most `max_frames`."""
-    from PIL import Image, ImageSequence, UnidentifiedImageError
-
+    """The frames of a video: one video file (MP4, WebM, ...), one animated GIF / WebP / PNG file, or several image
+    files (frames in name order), resampled evenly to at most `max_frames`."""
     paths = [Path(path) for path in paths]
     if not paths:
         return []
-    if len(paths) == 1:
-        path = paths[0]
-        if path.suffix.lower() in VIDEO_SUFFIXES:
-            raise DemoInputError(
-                f"{path.name}: video files like {path.suffix} cannot be decoded here (no video decoder is installed). "
-                "Upload the clip as an animated GIF, or its frames as several images."
-            )
-        try:
-            with Image.open(path) as clip:
-                frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(clip)]
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as error:
-            raise DemoInputError(
-                f"{path.name} is not a video or an image ({_short(error, path)}). Upload an animated GIF, or frames as "
-                f"{IMAGE_HINT} files."
-            ) from error
-    else:
-        frames = [open_image(path) for path in sorted(paths, key=lambda p: p.name)]
-    return sample_frames(frames, max_frames)
+    if len(paths) > 1:
+        return sample_frames([open_image(path) for path in sorted(paths, key=lambda p: p.name)], max_frames)
+    path = paths[0]
+    try:
+        return load_video_frames(path, max_frames)
+    except VideoDecoderMissing as error:
+        raise DemoInputError(
+            f"{path.name}: {path.suffix} videos cannot be decoded here: the server needs PyAV "
+            f"({VIDEO_EXTRA_HINT}). Upload the clip as an animated GIF, or its frames as several images."
+        ) from error
+    except VideoDecodeError as error:
+        upload = (
+            "a video file" if is_video_file(path) else f"a video file, an animated GIF, or frames as {IMAGE_HINT} files"
+        )
+        raise DemoInputError(
+            f"{path.name} is not a readable video (expected {error.expected}; {error.reason}). Upload {upload}."
+        ) from error
+    except FileNotFoundError as error:
+        raise DemoInputError(f"{path.name}: the upload was not found on the server; upload it again.") from error
 
 
 def sample_frames(frames: list, limit: int) -> list:
     """`limit` frames spread evenly over the clip (first and last included), or all of them when there are fewer."""
-    if limit < 1 or len(frames) <= limit:
-        return list(frames)
-    if limit == 1:
-        return [frames[0]]
-    step = (len(frames) - 1) / (limit - 1)
-    return [frames[round(i * step)] for i in range(limit)]
+    return [frames[index] for index in sample_indices(len(frames), limit)]
 
 
 def _short(error: BaseException, path: Path | None = None) -> str:
@@ -255,6 +260,14 @@ def build_demo(model, processor, max_new_tokens: int = 64, max_upload_mb: float 
     max_frames = getattr(model.config, "max_num_frames", None) or DEFAULT_MAX_FRAMES
     size_hint = f", {max_upload_mb:g} MB each" if max_upload_mb else ""
     model_name = model_display_name(getattr(model.config, "_name_or_path", "") or "") or type(model).__name__
+    if video_decoder_available():
+        video_hint = "Videos: MP4, WebM, MOV, AVI, MKV, ..., an animated GIF, or the frames as several images. "
+    else:
+        video_hint = (
+            f"Videos: an animated GIF, or the frames as several images (MP4 and other video files need "
+            f"`{VIDEO_EXTRA_HINT}` on the server). "
+        )
+    video_hint += f"Videos are resampled to {max_frames} frames."
 
     def read_media(image_files, video_files) -> tuple[list, list]:
         images = [open_image(path) for path in _paths(image_files)]
@@ -340,13 +353,10 @@ def build_demo(model, processor, max_new_tokens: int = 64, max_upload_mb: float 
                 )
                 video_files = gr.File(
                     file_count="multiple",
-                    label="Video: an animated GIF / WebP / PNG, or its frames as several images",
+                    label="Video: a video file (MP4, WebM, MOV, ...), an animated GIF / WebP / PNG, or its frames",
                     elem_id="video",
                 )
-                gr.Markdown(
-                    f"Images: {IMAGE_HINT}. Videos: MP4 and other video files are not decoded (no video decoder is "
-                    f"installed); upload an animated GIF or the frames. Videos are resampled to {max_frames} frames."
-                )
+                gr.Markdown(f"Images: {IMAGE_HINT}. {video_hint}")
                 preview = gr.Gallery(
                     label="Media",
                     columns=4,

@@ -129,6 +129,44 @@ def test_user_errors_are_one_line_with_status_2(args, message, capsys, tmp_path)
     assert "Traceback" not in err
 
 
+def test_corrupt_video_file_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """A broken MP4 (random bytes) is reported in one line, exit 2, before the (slow) model load."""
+    import numpy as np
+
+    pytest.importorskip("av")
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(bytes(np.random.default_rng(1).integers(0, 256, 2048, dtype=np.uint8)))
+
+    def no_model(*args):
+        raise AssertionError("the model was loaded before the video was checked")
+
+    monkeypatch.setattr("otter.cli.load_model", no_model)
+    assert main(["generate", "--video", str(clip), "--prompt", "Which way does it move?"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith(f"otter generate: error: not a readable video: {clip} (expected a playable .mp4 video")
+
+
+def test_generate_on_an_mp4_matches_its_frames(model_dir, tmp_path, capsys):
+    """`--video clip.mp4` gives the model the decoded frames, as `--frames DIR` of the same frames does (the frames
+    are the decoded ones, so the answers are equal whatever the codec loses)."""
+    from test_video import write_video
+
+    from otter.video import load_video_frames
+
+    clip = write_video(tmp_path / "clip.mp4", [load_image_rgb(path) for path in (RED_CIRCLE, BLUE_SQUARE, RED_CIRCLE)])
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, frame in enumerate(load_video_frames(clip, None)):
+        frame.save(frames / f"{i:03d}.png")
+    answers = []
+    for media in (["--video", str(clip)], ["--frames", str(frames)]):
+        args = ["generate", "--model", str(model_dir), *media, "--prompt", "What happens?", "--max-new-tokens", "4"]
+        assert main(args) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1]
+
+
 def test_bad_model_directory_is_one_line(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{not json")
     status = main(["generate", "--model", str(tmp_path), "--image", str(RED_CIRCLE), "--prompt", "q"])

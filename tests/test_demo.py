@@ -137,10 +137,26 @@ def test_videos_from_animated_gif_or_frames(tmp_path, red, blue):
     blue.save(blue_path)
     ordered = open_video([red_path, blue_path], max_frames=8)  # frames in name order
     assert [frame.getpixel((16, 16)) for frame in ordered] == [blue.getpixel((16, 16)), red.getpixel((16, 16))]
-    with pytest.raises(DemoInputError, match="cannot be decoded here"):
-        open_video([tmp_path / "clip.mp4"], max_frames=8)
+    broken = tmp_path / "clip.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42 and then nothing")
+    with pytest.raises(DemoInputError) as error:
+        open_video([broken], max_frames=8)
+    assert str(error.value).startswith("clip.mp4 is not a readable video (expected a playable .mp4 video")
+    assert str(tmp_path) not in str(error.value)
     assert sample_frames(list(range(10)), 3) == [0, 4, 9]
     assert sample_frames(list(range(3)), 8) == [0, 1, 2]
+
+
+def test_video_files_without_pyav_name_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    monkeypatch.setitem(sys.modules, "av", None)  # as if the `video` extra were not installed
+    with pytest.raises(DemoInputError) as error:
+        open_video([clip], max_frames=8)
+    assert str(error.value).startswith("clip.mp4: .mp4 videos cannot be decoded here")
+    assert "pip install 'otter-flamingo[video]'" in str(error.value) and str(tmp_path) not in str(error.value)
 
 
 def test_generation_settings():
@@ -260,6 +276,25 @@ def test_the_embedded_model_answers_in_the_demo():
     frames = sorted(str(path) for path in (REPO_ROOT / "examples" / "frames" / "purple_circle_moving_right").iterdir())
     assert ask("Which way does it move?", [], [], video_files=frames)[0][-1][1] == "right"
     assert ask("What colour is the moving shape?", [], [], video_files=frames)[0][-1][1] == "purple"
+
+
+def test_the_embedded_model_answers_about_an_mp4_in_the_demo(tmp_path):
+    """An MP4 in the video field: checked on upload (its frames in the preview), and answered like its frames."""
+    from test_video import seven_frame_clip, write_video
+
+    import otter
+    from otter.demo import build_demo
+
+    clip = str(write_video(tmp_path / "clip.mp4", seven_frame_clip()))
+    model, processor = otter.load_default()
+    demo = build_demo(model, processor)
+    on_media_change = next(fn.fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "on_media_change")
+    preview, status, *_ = on_media_change(None, [clip])
+    assert len(preview) == 4 and status.startswith("Video ready: 4 frame(s)"), status
+    settings = (16, 1, 0.0, 1.0)
+    for question, expected in (("Which way does it move?", "right"), ("What colour is the moving shape?", "purple")):
+        *_, last = respond_handler(demo)(question, [], [], None, [clip], None, None, "", "", *settings)
+        assert last[2] == "Done." and last[0] == [(question, expected)], last
 
 
 def test_demo_command_binds_localhost_and_sets_up_the_queue(monkeypatch, capsys):
