@@ -418,15 +418,11 @@ def run(args: argparse.Namespace) -> EvalResult:
     from otter.default import default_model_path, load_pretrained
 
     model_path = args.model if args.model is not None else default_model_path()
-    if (
-        args.model is not None
-        and not Path(args.model).exists()
-        and (args.model.count("/") != 1 or os.environ.get("HF_HUB_OFFLINE") == "1")
-    ):
+    from otter.cli import UsageError, check_device, is_missing_model
+
+    if args.model is not None and is_missing_model(args.model):
         raise FileNotFoundError(f"model not found: {args.model} (expected an HF model directory or a Hub id)")
     if args.device is not None:
-        from otter.cli import UsageError, check_device
-
         try:
             check_device(args.device)
         except UsageError as error:
