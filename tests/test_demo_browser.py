@@ -6,7 +6,10 @@ Two demos run as their own processes (`python -m otter.cli demo`), started toget
   127.0.0.1): it must listen on 127.0.0.1 only. The browser uploads a bundled example image and asks two questions
   (the answers are "red" and "circle"), uploads a text file and reads the error message, asks about an animated GIF
   as a video ("right"), uploads a too-large file, and two browser pages ask at the same time (the queue);
-- a tiny random model saved to a temporary directory, whose long answers show the chat growing as it streams.
+- a tiny random model saved to a temporary directory, whose long answers show the chat growing as it streams, and
+  two pages asking at once are answered one after the other (the queue runs one generation at a time). This demo
+  runs `otter.cli.main(["demo", ...])` with `otter.demo.stream_answer` wrapped to write when each generation starts
+  and ends (the server's own clock: what the pages show can lag behind it).
 
 Nothing leaves localhost: gradio's analytics are off and Chromium runs without its background networking.
 
@@ -14,7 +17,9 @@ Chromium must be at /usr/bin/chromium (`apt-get install -y chromium`; `.ci/run` 
 they are never skipped.
 """
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -55,12 +60,40 @@ STARTUP_TIMEOUT = (
     120  # seconds for a demo process to import torch, transformers and gradio and listen (a loaded machine)
 )
 TIMEOUT_MS = 30_000
+# `python -c RECORDING_DEMO LOG demo ...`: `otter demo ...`, each generation appending a JSON line to LOG (its prompt,
+# answer, and the times, in seconds since the epoch, when it started, first had text, and ended)
+RECORDING_DEMO = """
+import json, sys, time
+import otter.demo
+from otter.cli import main
+
+log_path = sys.argv.pop(1)
+stream_answer = otter.demo.stream_answer
+
+def recorded(model, processor, inputs, **kwargs):
+    record = {"prompt": processor.tokenizer.decode(inputs["input_ids"][0]), "start": time.time()}
+    text = ""
+    for text, finished in stream_answer(model, processor, inputs, **kwargs):
+        if text and "first" not in record:
+            record["first"] = time.time()
+        yield text, finished
+    record.update(end=time.time(), answer=text)
+    with open(log_path, "a") as log:
+        log.write(json.dumps(record) + "\\n")
+
+otter.demo.stream_answer = recorded
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 class Server(NamedTuple):
     process: subprocess.Popen
     port: int
     log_path: Path
+    generations: Path | None = None  # RECORDING_DEMO's log
+
+    def generation_records(self) -> list[dict]:
+        return [json.loads(line) for line in self.generations.read_text().splitlines()]
 
     @property
     def url(self) -> str:
@@ -86,7 +119,8 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir, tmp_path_factory):
     """Both demos, each in its own process, started at once; waited for by the tests (so Chromium starts meanwhile).
-    "default" is `otter demo` with only --port (and --max-upload-mb for the size check): no --host, no --model."""
+    "default" is `otter demo` with only --port (and --max-upload-mb for the size check): no --host, no --model;
+    "tiny" records its generations (RECORDING_DEMO)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost"}
     env["OMP_NUM_THREADS"] = "1"  # tiny models; two servers and Chromium share the machine
     options = {
@@ -99,9 +133,14 @@ def servers(tiny_model_dir, tmp_path_factory):
         log_path = tmp_path_factory.mktemp(f"demo-log-{name}") / "demo.log"
         port = free_port()
         command = [sys.executable, "-m", "otter.cli", "demo", "--port", str(port), *argv]
+        generations = None
+        if name == "tiny":
+            generations = log_path.with_name("generations.jsonl")
+            generations.touch()
+            command[1:3] = ["-c", RECORDING_DEMO, str(generations)]
         with open(log_path, "w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
-        started[name] = Server(process, port, log_path)
+        started[name] = Server(process, port, log_path, generations)
     yield started
     for server in started.values():
         server.process.terminate()
@@ -283,7 +322,8 @@ def test_demo_listens_on_localhost_only_by_default(servers):
 
 
 def test_two_users_at_once(servers, browser_context):
-    """Two browsers ask at the same moment; both get their own answers (test_demo.py checks the queue settings)."""
+    """Two browsers ask at the same moment; both get their own answers (test_demo.py checks the queue settings,
+    test_queue_answers_one_page_after_the_other that they run one at a time)."""
     with (
         open_page(browser_context, servers["default"]) as first,
         open_page(browser_context, servers["default"]) as other,
@@ -329,3 +369,74 @@ def test_answers_stream_into_the_chat(servers, browser_context, tiny_model_dir):
     partial = {text for text, status in seen if text and text != expected and status.startswith("Generating")}
     assert len(partial) >= 2, f"the answer did not stream: {seen}"
     assert all(expected.startswith(text) for text in partial), (expected, partial)
+
+
+# Records, in window.seen, each change of the answer (the last bot message), the status line, or the queue state that
+# gradio's progress tracker shows in the status ("queue: 1/1", "processing"), with the time (ms since the epoch).
+RECORD_CHANGES = r"""() => {
+    window.seen = [];
+    const chat = document.querySelector('#chat'), status = document.querySelector('#status');
+    const record = () => {
+        const bots = chat.querySelectorAll('[data-testid="bot"]');
+        const answer = bots.length ? bots[bots.length - 1].textContent.trim() : '';
+        const text = status.textContent;
+        const queue = (text.match(/queue: \d+\/\d+|processing/) || [''])[0];
+        const state = text.includes('Generating...') ? 'Generating...' : text.includes('Done.') ? 'Done.' : '';
+        const last = window.seen[window.seen.length - 1];
+        if (!last || last[1] !== answer || last[2] !== state || last[3] !== queue)
+            window.seen.push([performance.timeOrigin + performance.now(), answer, state, queue]);
+    };
+    const observer = new MutationObserver(record);  // textContent only: no layout, so the page is not slowed down
+    for (const node of [chat, status]) observer.observe(node, {subtree: true, childList: true, characterData: true});
+    record();
+}"""
+
+
+def test_queue_answers_one_page_after_the_other(servers, browser_context):
+    """Two pages click Send at the same moment on the tiny model (32 streamed tokens each). With the default
+    --concurrency 1 the second generation starts only after the first has ended: so says the server's record of
+    the two generations, and the page that waited shows its place in the queue, then its answer, whose first part
+    appears after the first generation ended. Both pages get their whole answers.
+
+    The pages alone cannot show that the generations did not overlap: while the first page is still drawing its
+    answer (it lags behind the stream on a loaded machine), the second page may already show its own first tokens."""
+    server = servers["tiny"]
+    questions = ("Is it round?", "Is it small?")
+    with (
+        open_page(browser_context, server) as first,
+        open_page(browser_context, server) as other,
+    ):
+        pages = dict(zip(questions, (first, other), strict=True))
+        for question, page in pages.items():
+            upload_image(page, RED_CIRCLE)
+            page.locator("#question textarea").fill(question)
+            page.evaluate(RECORD_CHANGES)
+        for page in pages.values():  # back to back, without playwright's checks in between
+            page.evaluate("() => document.querySelector('#send').click()")
+        answers = {question: answer_of(page, question, turn=1) for question, page in pages.items()}
+        seen = {question: page.evaluate("window.seen") for question, page in pages.items()}
+
+    records = {}
+    for record in server.generation_records():
+        for question in questions:
+            if f"User: {question} GPT:" in record["prompt"]:
+                assert question not in records, record
+                records[question] = record
+    assert records.keys() == set(questions), server.generation_records()
+    earlier, later = sorted(questions, key=lambda question: records[question]["start"])
+    # the server ran them one after the other
+    assert records[later]["start"] >= records[earlier]["end"], records
+    # each page shows its own whole answer
+    for question in questions:
+        assert answers[question] == records[question]["answer"].strip() != "", (answers, records)
+        assert seen[question][-1][1:3] == [answers[question], "Done."], seen[question]
+    # the page that waited showed its place in the queue before its answer began, and its answer began to show
+    # only after the first generation had ended (the pages' clock and the server's are this machine's)
+    waiting, first_text = [], None
+    for time_ms, answer, _, queue in seen[later]:
+        if answer:
+            first_text = time_ms
+            break
+        waiting.append(queue)
+    assert any(re.fullmatch(r"queue: \d+/\d+", queue) for queue in waiting), seen[later]
+    assert first_text > records[earlier]["end"] * 1000, (first_text, records)
