@@ -12,11 +12,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 from transformers.utils import logging
 
+from ..video import sample_indices
 from .errors import BadRecords, DataError
 from .images import ImageStore, ImageTransform, ImageTransformFn, open_image_store
 from .mimicit import InstructionRecord, MimicitSource, TaskType, load_instructions, load_train_config
@@ -42,8 +42,7 @@ def resample_frames(image_ids: tuple[str, ...], max_frames: int | None) -> tuple
     """At most `max_frames` ids, evenly spaced and including the first and the last (as Otter's `resample_frames`)."""
     if max_frames is None or len(image_ids) <= max_frames:
         return image_ids
-    indices = np.linspace(0, len(image_ids) - 1, max_frames).round().astype(int)
-    return tuple(image_ids[i] for i in indices)
+    return tuple(image_ids[i] for i in sample_indices(len(image_ids), max_frames))
 
 
 class MimicitDataset(Dataset):
