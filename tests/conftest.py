@@ -18,6 +18,31 @@ MEDIA = 4  # <image> id in the tiny configs
 EOC = 3  # <|endofchunk|> id in the tiny configs
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning makes them up to
+    10x slower. A module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def generate_as_reference(model, inputs: dict, settings: dict) -> torch.Tensor:
+    """Greedy generation with the settings a reference fixture's `meta.json` recorded (`settings` = its "generate")."""
+    with torch.no_grad():
+        return model.generate(
+            vision_x=inputs["vision_x"],
+            lang_x=inputs["lang_x"],
+            attention_mask=inputs["attention_mask"],
+            max_new_tokens=settings["max_new_tokens"],
+            num_beams=settings["num_beams"],
+            do_sample=settings["do_sample"],
+            eos_token_id=settings["eos_token_id"],
+            pad_token_id=settings["pad_token_id"],
+        )
+
+
 def tiny_config(family: str = "flamingo", **overrides) -> FlamingoConfig:
     """The tiny shapes of `configs/{family}-tiny.json`, with top-level fields overridden."""
     config_class = OtterConfig if family == "otter" else FlamingoConfig

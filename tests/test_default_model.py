@@ -41,13 +41,7 @@ BUNDLED = [
 FRAMES = EXAMPLES / "frames" / "purple_circle_moving_right"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model gains nothing from intra-op threads; on a busy 2-core machine they make it 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def generate(capsys, *argv) -> str:

@@ -22,13 +22,7 @@ RED_CIRCLE = REPO_ROOT / "examples" / "images" / "red_circle.png"
 BLUE_SQUARE = REPO_ROOT / "examples" / "images" / "blue_square.png"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they make generation much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

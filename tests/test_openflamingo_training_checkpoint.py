@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import generate_as_reference  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from flamingo import FlamingoForConditionalGeneration  # noqa: E402
@@ -161,15 +162,5 @@ def test_converted_v1_training_checkpoint_generates_the_reference_tokens(convert
     model = FlamingoForConditionalGeneration.from_pretrained(converted_v1).eval()
     settings = json.loads((REFERENCE / "of1" / "meta.json").read_text())["generate"]
     inputs = load_file(str(REFERENCE / "of1" / "inputs.safetensors"))
-    with torch.no_grad():
-        generated = model.generate(
-            vision_x=inputs["vision_x"],
-            lang_x=inputs["lang_x"],
-            attention_mask=inputs["attention_mask"],
-            max_new_tokens=settings["max_new_tokens"],
-            num_beams=settings["num_beams"],
-            do_sample=settings["do_sample"],
-            eos_token_id=settings["eos_token_id"],
-            pad_token_id=settings["pad_token_id"],
-        )
+    generated = generate_as_reference(model, inputs, settings)
     assert torch.equal(generated, load_file(str(REFERENCE / "of1" / "logits.safetensors"))["generated"])

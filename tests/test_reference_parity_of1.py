@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import generate_as_reference  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from flamingo import FlamingoConfig, FlamingoForConditionalGeneration  # noqa: E402
@@ -127,17 +128,7 @@ def test_greedy_generation_matches_openflamingo_0_0_2(reference):
     model = build(reference)
     settings = reference["meta"]["generate"]
     inputs = reference["inputs"]
-    with torch.no_grad():
-        generated = model.generate(
-            vision_x=inputs["vision_x"],
-            lang_x=inputs["lang_x"],
-            attention_mask=inputs["attention_mask"],
-            max_new_tokens=settings["max_new_tokens"],
-            num_beams=settings["num_beams"],
-            do_sample=settings["do_sample"],
-            eos_token_id=settings["eos_token_id"],
-            pad_token_id=settings["pad_token_id"],
-        )
+    generated = generate_as_reference(model, inputs, settings)
     assert torch.equal(generated, reference["outputs"]["generated"])
 
 

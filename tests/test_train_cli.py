@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import REPO_ROOT, TINY_TOKENIZER, tiny_model
 from transformers import AutoTokenizer
 
@@ -177,9 +176,4 @@ def test_only_the_main_process_reports_argument_errors(monkeypatch, capsys):
     assert capsys.readouterr().err == "otter train: error: main\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from conftest import REPO_ROOT
 from PIL import Image, ImageSequence
 
@@ -68,13 +67,7 @@ def mean_abs_diff(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model gains nothing from intra-op threads; on a busy 2-core machine they make it much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
